@@ -1,0 +1,205 @@
+"""The bundle: a model folder on disk, the contract between training and serving.
+
+models/NAME/
+    model.keras        Keras model, uint8-valued RGB pixels in, class probabilities out
+    labels.json        class names, index order
+    preprocess.json    input size, colour order, mean/std, resize method, test-time augmentation
+    metrics.json       validation accuracy, per-class accuracy, epochs, wall time, versions
+    training.png, confusion.png   (optional) curves and confusion matrix
+    MANIFEST.sha256    sha256 of every file above, in `sha256sum` format
+
+A bundle is written to a temporary sibling folder and renamed into place, so an interrupted
+save never leaves half a bundle and never destroys the previous one. Loading verifies the
+manifest first and refuses a tampered or incomplete bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagerec.errors import BundleError
+
+MANIFEST = "MANIFEST.sha256"
+REQUIRED_FILES = ("model.keras", "labels.json", "preprocess.json", "metrics.json")
+TTA_MODES = ("none", "flip")
+
+
+@dataclass
+class Preprocess:
+    """How raw pixels reach the model. Normalisation itself lives inside the saved model."""
+
+    input_size: tuple[int, int]  # (height, width)
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    color: str = "RGB"
+    resize: str = "area-when-shrinking, bilinear-when-enlarging"
+    tta: str = "none"
+
+    def __post_init__(self):
+        self.input_size = (int(self.input_size[0]), int(self.input_size[1]))
+        if self.tta not in TTA_MODES:
+            raise BundleError(f"preprocess.json: tta must be one of {TTA_MODES}, not {self.tta!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except (TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"preprocess.json is not valid: {exc}") from None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        return data
+
+
+@dataclass
+class Bundle:
+    path: Path
+    model: Any  # keras.Model
+    labels: list[str]
+    preprocess: Preprocess
+    metrics: dict
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Bundle:
+        """Verify the manifest, then load the model with Keras safe_mode on."""
+        path = Path(path)
+        version = verify_bundle(path)
+        labels = _read_json(path / "labels.json")
+        preprocess = Preprocess.from_dict(_read_json(path / "preprocess.json"))
+        metrics = _read_json(path / "metrics.json")
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise BundleError(f"{path}/labels.json must list at least two class names")
+
+        import keras  # deferred: importing TensorFlow takes seconds
+
+        try:
+            model = keras.models.load_model(path / "model.keras", compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises many types for a bad archive
+            raise BundleError(f"{path}/model.keras could not be loaded: {exc}") from None
+        outputs = model.output_shape[-1]
+        if outputs != len(labels):
+            raise BundleError(f"{path}: the model has {outputs} outputs but {len(labels)} labels")
+        return cls(path, model, labels, preprocess, metrics, version)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} could not be read: {exc}") from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_bundle(path: str | os.PathLike) -> str:
+    """Check every file against MANIFEST.sha256; return the bundle version (manifest digest)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"no model bundle at {path} (expected a folder with {MANIFEST})")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing")
+    text = manifest_path.read_text()
+    listed = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
+            raise BundleError(f"{manifest_path} is malformed near {line[:80]!r}")
+        listed[name] = digest
+    missing = [name for name in REQUIRED_FILES if name not in listed]
+    if missing:
+        raise BundleError(f"{path} is incomplete: the manifest does not list {', '.join(missing)}")
+    for name, digest in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{path} is incomplete: {name} is missing")
+        if sha256_file(file) != digest:
+            raise BundleError(
+                f"{path}/{name} does not match {MANIFEST}: the bundle was modified or "
+                "truncated after it was written; retrain or restore it"
+            )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_bundle(
+    out: str | os.PathLike,
+    model: Any,
+    labels: list[str],
+    preprocess: Preprocess,
+    metrics: dict,
+    artifacts: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a complete bundle to `out`, atomically replacing any bundle already there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} exists and is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"cannot create {out.parent}: {exc.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise BundleError(f"cannot write to {out.parent}: permission denied")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.save(tmp / "model.keras")
+        files = {
+            "labels.json": json.dumps(list(labels), indent=1),
+            "preprocess.json": json.dumps(preprocess.to_dict(), indent=1),
+            "metrics.json": json.dumps(metrics, indent=1, sort_keys=True),
+        }
+        for name, text in files.items():
+            (tmp / name).write_text(text + "\n")
+        for name, data in (artifacts or {}).items():
+            (tmp / name).write_bytes(data)
+        names = sorted(p.name for p in tmp.iterdir())
+        manifest = "".join(f"{sha256_file(tmp / n)}  {n}\n" for n in names)
+        (tmp / MANIFEST).write_text(manifest)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)  # put the previous bundle back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""Settings: one dataclass with defaults, overridden by IMAGEREC_* variables, then by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagerec.errors import InvalidInput
+
+# The repository's bundled model; an installed package falls back to the working directory.
+_REPO_MODEL = Path(__file__).resolve().parents[2] / "models" / "cifar10"
+DEFAULT_MODEL = _REPO_MODEL if _REPO_MODEL.is_dir() else Path("models/cifar10")
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "imagerec"
+
+
+@dataclass
+class Settings:
+    model: Path = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = 8
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    top_k: int = 3
+    cache_dir: Path = field(default_factory=_default_cache)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """Defaults, then IMAGEREC_<FIELD> variables, then explicit (non-None) overrides."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"IMAGEREC_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _convert(f.name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.model = Path(settings.model)
+        settings.cache_dir = Path(settings.cache_dir)
+        return settings
+
+
+def _convert(name: str, raw: str, kind: str):
+    converters = {"int": int, "float": float, "str": str, "Path": Path}
+    try:
+        return converters[kind](raw)
+    except ValueError:
+        raise InvalidInput(f"IMAGEREC_{name.upper()}={raw!r} is not a valid {kind}") from None

@@ -1,0 +1,217 @@
+"""Untrusted bytes in, RGB uint8 array out: the one decode path for training and serving.
+
+Formats are judged by their magic bytes, never by a file name or a declared content type. The
+pixel count is read from the header and checked before any pixel is decoded, so a small file
+that claims a huge canvas (a decompression bomb) costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from imagerec.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+DEFAULT_MAX_PIXELS = int(os.environ.get("IMAGEREC_MAX_PIXELS", 40_000_000))
+# OpenCV reads its own ceiling once, at import; ours is checked earlier, from the header.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max(DEFAULT_MAX_PIXELS, 1 << 20)))
+
+import cv2  # noqa: E402  (must follow the environment variable above)
+
+MEDIA_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"
+# JPEG start-of-frame markers: every SOFn except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the image format from its magic bytes, or raise UnsupportedMediaType."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == _PNG_MAGIC:
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM":
+        return "bmp"
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)", code="empty_image")
+    raise UnsupportedMediaType(
+        "not a supported image: expected JPEG, PNG, WebP or BMP content "
+        "(the type is judged by the file's bytes, not its name)"
+    )
+
+
+def image_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """(width, height) from the header alone, without decoding pixels."""
+    try:
+        if fmt == "png":
+            return struct.unpack(">II", data[16:24])
+        if fmt == "bmp":
+            (header_size,) = struct.unpack("<I", data[14:18])
+            if header_size == 12:  # OS/2 BITMAPCOREHEADER
+                return struct.unpack("<HH", data[18:22])
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if fmt == "webp":
+            return _webp_size(data)
+        return _jpeg_size(data)
+    except struct.error:
+        raise InvalidImage(f"the {fmt.upper()} header is truncated") from None
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    if chunk == b"VP8L":
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    raise InvalidImage("unknown WebP chunk layout")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i, n = 2, len(data)
+    while i < n:
+        if data[i] != 0xFF:
+            raise InvalidImage("corrupt JPEG: bad marker structure")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            continue  # markers without a length
+        (length,) = struct.unpack(">H", data[i : i + 2])
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[i + 3 : i + 7])
+            return width, height
+        if marker == 0xDA:  # scan data began before any frame header
+            break
+        i += length
+    raise InvalidImage("corrupt JPEG: no frame header found")
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    """Reject truncated files that a decoder would otherwise half-decode without complaint."""
+    if fmt == "jpeg" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        raise InvalidImage("truncated JPEG: the end-of-image marker is missing", code="truncated_image")
+    if fmt == "png" and _PNG_IEND not in data[-64:]:
+        raise InvalidImage("truncated PNG: the IEND chunk is missing", code="truncated_image")
+    if fmt == "webp":
+        (riff_size,) = struct.unpack("<I", data[4:8])
+        if len(data) < riff_size + 8:
+            raise InvalidImage("truncated WebP: shorter than its RIFF header says", code="truncated_image")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode untrusted image bytes to an (H, W, 3) RGB uint8 array.
+
+    Grayscale becomes three equal channels, 16-bit is scaled to 8-bit, alpha is composited
+    onto white (as a browser shows it), and JPEG EXIF orientation is applied.
+    """
+    data = bytes(data)
+    fmt = sniff_format(data)
+    width, height = image_size(data, fmt)
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"the image header gives an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height:,} pixels; "
+            f"the limit is {max_pixels:,}",
+            code="too_many_pixels",
+        )
+    _check_complete(data, fmt)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    # JPEG never carries alpha; IMREAD_COLOR applies its EXIF orientation. The others keep
+    # alpha and 16-bit depth so that both can be handled below.
+    flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    try:
+        image = cv2.imdecode(buffer, flags)
+    except cv2.error as exc:
+        raise InvalidImage(f"the {fmt.upper()} image could not be decoded: {exc.err}") from None
+    if image is None:
+        raise InvalidImage(f"the {fmt.upper()} image is corrupt and could not be decoded")
+    return _to_rgb8(image)
+
+
+def _to_rgb8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint16:
+        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)
+    elif image.dtype != np.uint8:
+        raise InvalidImage(f"unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 2:  # gray + alpha
+        gray, alpha = image[:, :, 0], image[:, :, 1]
+        image = np.dstack([gray, gray, gray, alpha])
+        channels = 4
+    if channels == 4:
+        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+        white = 255.0 * (1.0 - alpha)
+        bgr = (image[:, :, :3].astype(np.float32) * alpha + white).round().astype(np.uint8)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB array to (height, width): INTER_AREA when shrinking, bilinear otherwise."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = image.shape[0] > height or image.shape[1] > width
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def load_image(
+    path: str | os.PathLike,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read and decode an image file, optionally resized to (height, width)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidImage(f"cannot read {path}: {exc.strerror}") from None
+    image = decode_image(data, max_pixels)
+    return resize_image(image, size) if size else image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode an RGB uint8 array as PNG bytes (fixtures, tests and the web page's samples)."""
+    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise InvalidImage("could not encode PNG")
+    return buffer.tobytes()
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an RGB uint8 array as JPEG bytes."""
+    ok, buffer = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise InvalidImage("could not encode JPEG")
+    return buffer.tobytes()
