@@ -1,0 +1,444 @@
+"""The HTTP API: hug routes over a predictor, built by `create_app` from injected parts.
+
+    api = create_app(predictor_or_slot, settings)    # a hug.API
+    wsgi = api.http.server()                         # what waitress (or hug.test) calls
+
+Routes are thin: parse and validate (hug.types annotations and the input formats below), call
+`classify_uploads`, shape the answer. Errors become HTTP answers in one place, `http_error`.
+To add routes (a web page, other wire protocols), write a function `add_..._routes(api)` that
+decorates its endpoints with `@hug.get(..., api=api)` and takes the `serving` directive, then pass
+it in `create_app(..., routes=DEFAULT_ROUTES + (add_..._routes,))`.
+"""
+
+# No `from __future__ import annotations`: hug reads the annotations as validators and directives.
+
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from imagerec.config import Settings
+from imagerec.errors import (
+    ImagerecError,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from imagerec.hugcompat import FilePart, falcon, hug, install_input_formats
+from imagerec.images import MEDIA_TYPES, decode_image
+
+log = logging.getLogger(__name__)
+
+RAW_IMAGE_TYPES = (*MEDIA_TYPES.values(), "image/jpg", "application/octet-stream")
+BODY_TYPES = ("multipart/form-data", "application/json", *RAW_IMAGE_TYPES)
+
+
+class PredictorSlot:
+    """Where the server puts the predictor once it is loaded and warm; until then, NotReady.
+
+    What it holds is anything with Predictor's `classify`, `labels`, `bundle`, `name` and
+    `version`: a Predictor, or a MicroBatcher in front of one.
+    """
+
+    def __init__(self, engine: Any = None):
+        self._engine = engine
+        self._failure: str | None = None
+        self._lock = threading.Lock()
+
+    def set(self, engine: Any) -> None:
+        with self._lock:
+            self._engine, self._failure = engine, None
+
+    def fail(self, message: str) -> None:
+        """Record why loading failed; /readyz and /v1/predict report it with a 503."""
+        with self._lock:
+            self._failure = message
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    def get(self) -> Any:
+        engine = self._engine
+        if engine is None:
+            raise NotReady(self._failure or "the model is still loading; retry in a few seconds")
+        return engine
+
+
+class ServingMetrics:
+    """Prometheus metrics of one API, in its own registry (no process-wide state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imagerec_http_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "imagerec_http_request_duration_seconds",
+            "Time from the request reaching the app to the answer, by route",
+            ["route"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "imagerec_batch_size",
+            "Images per forward pass of the model",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.images = Counter(
+            "imagerec_images_classified",
+            "Images classified",
+            registry=self.registry,
+        )
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Serving:
+    """The injected parts every route reaches through the `serving` directive."""
+
+    def __init__(
+        self,
+        slot: PredictorSlot,
+        settings: Settings,
+        metrics: ServingMetrics,
+    ):
+        self.slot = slot
+        self.settings = settings
+        self.metrics = metrics
+
+    def engine(self) -> Any:
+        return self.slot.get()
+
+
+_SERVING = "imagerec.serving"
+
+
+@hug.directive()
+def serving(default=None, api=None, **kwargs) -> Serving:
+    """hug directive: this API's injected parts (slot, settings, metrics)."""
+    return api.context[_SERVING]
+
+
+def http_error(exception: BaseException) -> ImagerecError:
+    """The one mapping from any exception to the error the client sees."""
+    if isinstance(exception, ImagerecError):
+        return exception
+    if isinstance(exception, falcon.HTTPError):
+        status = int(str(exception.status)[:3])
+        code = (exception.title or "http_error").lower().replace(" ", "_")
+        return ImagerecError(exception.description or exception.title, code=code, status=status)
+    log.error("unhandled error", exc_info=exception)
+    return ImagerecError("internal server error", code="internal_error", status=500)
+
+
+def _status_line(status: int) -> str:
+    return falcon.get_http_status(status)
+
+
+def invalid_parameters(data: dict) -> dict:
+    """hug `on_invalid` hook: hug.types failures in the house error shape (hug answers 400)."""
+    errors = data.get("errors", {})
+    message = "; ".join(f"{name}: {reason}" for name, reason in errors.items())
+    return InvalidInput(message or "invalid parameters", code="invalid_parameter").to_dict()
+
+
+class BodySizeLimit:
+    """Falcon middleware: 413 before reading a body whose Content-Length is over the limit, and a
+    counting reader for bodies without one (chunked), so no route reads more than the limit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def process_request(self, request, response) -> None:
+        length = request.content_length
+        if length is not None and length > self.max_bytes:
+            error = http_error(_too_large(length, self.max_bytes))
+            response.status = _status_line(error.status)
+            response.content_type = falcon.MEDIA_JSON
+            response.body = json.dumps(error.to_dict())
+            response.complete = True
+            return
+        request.stream = LimitedReader(request.stream, self.max_bytes)
+
+
+def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
+    size = f"{length:,} bytes" if length is not None else f"more than {limit:,} bytes"
+    return PayloadTooLarge(f"the request body is {size}; the limit is {limit:,} bytes")
+
+
+class LimitedReader:
+    """A file-like reader that raises PayloadTooLarge once more than `limit` bytes are read."""
+
+    def __init__(self, stream, limit: int):
+        self._stream = stream
+        self._limit = limit
+        self._count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        allowed = self._limit - self._count + 1  # one byte more tells "over" from "exactly at"
+        data = self._stream.read(allowed if size is None or size < 0 else min(size, allowed))
+        self._count += len(data)
+        if self._count > self._limit:
+            raise _too_large(None, self._limit)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._stream.readline(size)
+        self._count += len(line)
+        if self._count > self._limit:
+            raise _too_large(None, self._limit)
+        return line
+
+
+class RequestMetrics:
+    """Falcon middleware: count every answer by route and status, and time it."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    def process_request(self, request, response) -> None:
+        request.context.imagerec_started = time.perf_counter()
+
+    def process_response(self, request, response, resource, req_succeeded) -> None:
+        route = getattr(request, "uri_template", None) or "unmatched"
+        started = getattr(request.context, "imagerec_started", None)
+        if started is not None:
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+        status = str(response.status)[:3]
+        self.metrics.requests.labels(route, request.method, status).inc()
+
+
+def json_body(body, charset: str = "utf-8", **_params) -> Any:
+    """hug input format for application/json: malformed JSON is the client's 400, not a 500."""
+    try:
+        return json.loads(body.read().decode(charset))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def raw_image_body(body, **_params) -> dict:
+    """hug input format for a raw image body: it becomes the `image` parameter."""
+    return {"image": FilePart(body.read())}
+
+
+def images_from_params(image: Any, images: Any) -> list[FilePart]:
+    """The images of a request, in the order sent: multipart or raw `image`, JSON `images`."""
+    parts: list[FilePart] = []
+    for item in image if isinstance(image, list) else [] if image is None else [image]:
+        if not isinstance(item, FilePart):
+            raise InvalidInput(
+                "'image' must be a file field, not a text value", code="invalid_form"
+            )
+        parts.append(item)
+    if images is None:
+        return parts
+    if not isinstance(images, list):
+        raise InvalidInput('"images" must be a list like [{"b64": "..."}]', code="invalid_json")
+    for index, item in enumerate(images):
+        if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
+            raise InvalidInput(f'images[{index}] must be an object with a "b64" string')
+        filename = item.get("filename")
+        parts.append(FilePart(decode_base64(item["b64"], index), filename=filename))
+    return parts
+
+
+def decode_base64(text: str, index: int = 0) -> bytes:
+    """Standard base64, with or without a data: URL prefix."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            f"images[{index}].b64 is not valid base64", code="invalid_base64"
+        ) from None
+
+
+def classify_uploads(
+    engine: Any,
+    parts: Sequence[FilePart],
+    top_k: int,
+    max_pixels: int,
+) -> list[dict]:
+    """Image bytes in, one result dict per image in the same order (the reusable predict path).
+
+    Every image is decoded (and so validated) before any is classified, so one bad image fails
+    its own request only.
+    """
+    labels = len(engine.labels)
+    if not 1 <= top_k <= labels:
+        raise InvalidInput(f"top_k must be between 1 and {labels}", code="invalid_parameter")
+    decoded = []
+    for index, part in enumerate(parts):
+        try:
+            decoded.append(decode_image(part.data, max_pixels))
+        except ImagerecError as exc:
+            name = part.filename or f"image {index + 1}"
+            raise type(exc)(f"{name}: {exc.message}", code=exc.code, status=exc.status) from None
+    predictions = engine.classify(decoded, top_k)
+    return [
+        {
+            "filename": part.filename,
+            "label": prediction.label,
+            "score": prediction.score,
+            "top_k": [{"label": label, "score": score} for label, score in prediction.top_k],
+        }
+        for part, prediction in zip(parts, predictions, strict=True)
+    ]
+
+
+def model_summary(engine: Any) -> dict:
+    return {"name": engine.name, "version": engine.version}
+
+
+def add_error_handler(api: hug.API) -> None:
+    @hug.exception(Exception, api=api)
+    def render_error(exception, response):
+        error = http_error(exception)
+        response.status = _status_line(error.status)
+        return error.to_dict()
+
+
+def add_health_routes(api: hug.API) -> None:
+    @hug.get("/healthz", api=api, on_invalid=invalid_parameters)
+    def healthz():
+        """Alive: the process answers HTTP (the model may still be loading)."""
+        return {"status": "ok"}
+
+    @hug.get("/readyz", api=api, on_invalid=invalid_parameters)
+    def readyz(serving: serving):
+        """Ready: the model is loaded and warmed up. 503 until then."""
+        return {"status": "ready", "model": model_summary(serving.engine())}
+
+
+def add_model_routes(api: hug.API) -> None:
+    @hug.get("/v1/model", api=api, on_invalid=invalid_parameters)
+    def model(serving: serving):
+        """The served model: name, version (manifest digest), labels, input shape, metrics."""
+        engine = serving.engine()
+        bundle = engine.bundle
+        height, width = bundle.preprocess.input_size
+        return {
+            **model_summary(engine),
+            "labels": list(engine.labels),
+            "input_shape": [height, width, 3],
+            "preprocess": bundle.preprocess.to_dict(),
+            "metrics": bundle.metrics,
+        }
+
+    @hug.get("/v1/labels", api=api, on_invalid=invalid_parameters)
+    def labels(serving: serving):
+        """The class labels, in the model's output order."""
+        return {"labels": list(serving.engine().labels)}
+
+
+def add_predict_routes(api: hug.API) -> None:
+    @hug.post(
+        "/v1/predict",
+        api=api,
+        on_invalid=invalid_parameters,
+        examples="top_k=3",
+        parse_body=True,
+    )
+    def predict(
+        request,
+        serving: serving,
+        top_k: hug.types.greater_than(0) = None,
+        image=None,
+        images=None,
+    ):
+        """Classify images sent as multipart `image` fields, a raw image body, or JSON
+        {"images": [{"b64": "..."}], "top_k": 3}. One result per image, in the order sent."""
+        engine = serving.engine()
+        parts = images_from_params(image, images)
+        if not parts:
+            content_type = (request.content_type or "").split(";")[0].strip().lower()
+            if request.content_length and content_type not in BODY_TYPES:
+                raise UnsupportedMediaType(
+                    f"Content-Type {content_type or '(none)'} is not accepted: send "
+                    "multipart/form-data with 'image' fields, a raw image/jpeg, image/png, "
+                    'image/webp or image/bmp body, or JSON {"images": [{"b64": "..."}]}'
+                )
+            raise InvalidInput(
+                "no image in the request: send multipart 'image' fields, a raw image body, "
+                'or JSON {"images": [{"b64": "..."}]}',
+                code="missing_image",
+            )
+        if top_k is None:
+            top_k = min(serving.settings.top_k, len(engine.labels))
+        results = classify_uploads(engine, parts, top_k, serving.settings.max_pixels)
+        serving.metrics.images.inc(len(results))
+        # A MicroBatcher reports the batches it runs; a bare Predictor's batch is the request.
+        if not getattr(engine, "reports_batches", False):
+            serving.metrics.observe_batch(len(results))
+        return {"model": model_summary(engine), "results": results}
+
+
+def add_metrics_route(api: hug.API) -> None:
+    @hug.get("/metrics", api=api, output=hug.output_format.text)
+    def metrics(response, serving: serving):
+        """Prometheus metrics: requests, latency, batch sizes, images classified."""
+        response.content_type = CONTENT_TYPE_LATEST
+        return serving.metrics.render().decode("utf-8")
+
+
+RouteAdder = Callable[[hug.API], None]
+DEFAULT_ROUTES: tuple[RouteAdder, ...] = (
+    add_health_routes,
+    add_model_routes,
+    add_predict_routes,
+    add_metrics_route,
+)
+
+
+def create_app(
+    predictor_source: Any,
+    settings: Settings,
+    *,
+    metrics: ServingMetrics | None = None,
+    routes: Iterable[RouteAdder] = DEFAULT_ROUTES,
+    name: str | None = None,
+) -> hug.API:
+    """Build a hug API over `predictor_source`: a PredictorSlot the server fills in when the
+    model is warm, or a ready Predictor / MicroBatcher (tests, scripts)."""
+    if isinstance(predictor_source, PredictorSlot):
+        slot = predictor_source
+    else:
+        slot = PredictorSlot(predictor_source)
+    metrics = metrics or ServingMetrics()
+    # hug keeps one API per module name; a fresh name gives every app its own routes.
+    api = hug.API(name or f"imagerec.app.{uuid.uuid4().hex}")
+    install_input_formats(api)
+    api.http.set_input_format("application/json", json_body)
+    for media_type in RAW_IMAGE_TYPES:
+        api.http.set_input_format(media_type, raw_image_body)
+    api.http.add_middleware(RequestMetrics(metrics))
+    api.http.add_middleware(BodySizeLimit(settings.max_body_bytes))
+    api.context[_SERVING] = Serving(slot, settings, metrics)
+    add_error_handler(api)
+    for add_routes in routes:
+        add_routes(api)
+    return api
