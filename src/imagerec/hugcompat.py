@@ -80,13 +80,16 @@ def parse_multipart_bytes(body: bytes, boundary: str | bytes) -> list[tuple[str,
     return fields
 
 
-def multipart_form(body, boundary: str = "", **_params) -> dict[str, list]:
-    """hug input format for multipart/form-data: {field name: [values in order]}."""
+def multipart_form(body, boundary: str = "", **_params) -> dict:
+    """hug input format for multipart/form-data: {field name: value, or [values] in order}.
+
+    As in hug's own format, a field sent once is a single value, one sent more often a list.
+    """
     data = body.read() if hasattr(body, "read") else bytes(body)
     form: dict[str, list] = {}
     for name, value in parse_multipart_bytes(data, boundary):
         form.setdefault(name, []).append(value)
-    return form
+    return {name: values[0] if len(values) == 1 else values for name, values in form.items()}
 
 
 def _cgi_parse_multipart(fp, pdict, **_kwargs) -> dict[str, list]:

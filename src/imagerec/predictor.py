@@ -9,7 +9,10 @@ evaluation, HTTP) honours it.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,3 +111,162 @@ class Predictor:
             return []
         batch = np.stack([self.prepare(image) for image in images])
         return self.top_k(self.predict_arrays(batch), k)
+
+
+class _Job:
+    """One caller's images waiting for the batcher, and the slot its answer comes back in."""
+
+    __slots__ = ("images", "done", "result", "error")
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+        self.done = threading.Event()
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """Gathers the images of concurrent callers into one forward pass of a Predictor.
+
+    One worker thread takes a waiting job, adds every job already queued, and, if the previous
+    batch had more callers than it has now, waits up to `max_wait_ms` for them, never past
+    `max_batch` images. A lone caller is never kept waiting, so latency under no load is the
+    predictor's own. If a batch fails, its jobs are retried one by one so that only the job at
+    fault sees the error. Thread-safe; offers Predictor's `classify` and `predict_arrays`.
+    """
+
+    reports_batches = True
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        max_batch: int = 64,
+        max_wait_ms: float = 2.0,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self.predictor = predictor
+        self.max_batch = max(1, max_batch)
+        self.max_wait_ms = max_wait_ms
+        self.on_batch = on_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="imagerec-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.predictor.bundle
+
+    @property
+    def labels(self) -> list[str]:
+        return self.predictor.labels
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.predictor.input_size
+
+    @property
+    def name(self) -> str:
+        return self.predictor.name
+
+    @property
+    def version(self) -> str:
+        return self.predictor.version
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities for (N, H, W, 3) uint8 images, computed in a shared batch."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        height, width = self.predictor.input_size
+        if images.ndim != 4 or images.shape[1:] != (height, width, 3):
+            raise ValueError(f"expected (N, {height}, {width}, 3) uint8")
+        if len(images) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        job = _Job(images)
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def classify(self, images: list[np.ndarray], k: int = 3) -> list[Prediction]:
+        """Decoded RGB images of any size to their top-k predictions (as Predictor.classify)."""
+        if not images:
+            return []
+        batch = np.stack([self.predictor.prepare(image) for image in images])
+        return self.predictor.top_k(self.predict_arrays(batch), k)
+
+    def close(self) -> None:
+        """Finish the queued jobs, then stop the worker thread."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _run(self) -> None:
+        previous_jobs = 1
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs, stop = self._gather(first, previous_jobs)
+            self._execute(jobs)
+            previous_jobs = len(jobs)
+            if stop:
+                return
+
+    def _gather(self, first: _Job, previous_jobs: int) -> tuple[list[_Job], bool]:
+        jobs, count = [first], len(first.images)
+        deadline = None
+        while count < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                if len(jobs) >= previous_jobs:
+                    break  # no sign that more callers are on their way
+                if deadline is None:
+                    deadline = time.monotonic() + self.max_wait_ms / 1000.0
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is _STOP:
+                return jobs, True
+            if count + len(job.images) > self.max_batch:
+                self._execute(jobs)  # keep batches within max_batch; the newcomer starts the next
+                jobs, count = [], 0
+            jobs.append(job)
+            count += len(job.images)
+        return jobs, False
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        try:
+            images = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
+            probs = self.predictor.predict_arrays(images)
+        except BaseException as exc:  # handed to the callers, never lost
+            if len(jobs) == 1:
+                jobs[0].error = exc
+                jobs[0].done.set()
+                return
+            for job in jobs:  # isolate the job at fault
+                self._execute([job])
+            return
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(images))
+            except Exception:
+                log.exception("the on_batch callback failed")
+        start = 0
+        for job in jobs:
+            job.result = probs[start : start + len(job.images)]
+            start += len(job.images)
+            job.done.set()
