@@ -43,36 +43,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model and write a bundle")
     train.add_argument(
-        "--data", required=True, help="'cifar10', a cifar-10-python tarball or folder, or an "
-        "image folder (root/<class>/*.jpg, or root/train and root/val)"
+        "--data",
+        required=True,
+        help="'cifar10', a cifar-10-python tarball or folder, or an "
+        "image folder (root/<class>/*.jpg, or root/train and root/val)",
     )
     train.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    train.add_argument("--arch", default=None, help="resnet-small (default for small images) "
-                       "or mobilenetv2 (transfer learning for larger images)")
+    train.add_argument(
+        "--arch",
+        default=None,
+        help="resnet-small (default for small images) "
+        "or mobilenetv2 (transfer learning for larger images)",
+    )
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--val-split", type=float, default=None,
-                       help="fraction held out for validation (default 0.1; 0 trains on all)")
+    train.add_argument(
+        "--val-split",
+        type=float,
+        default=None,
+        help="fraction held out for validation (default 0.1; 0 trains on all)",
+    )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--image-size", type=int, default=None,
-                       help="square input size for image folders (default 32 for resnet-small)")
+    train.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square input size for image folders (default 32 for resnet-small)",
+    )
     train.add_argument("--cache-dir", type=Path, default=None)
-    train.add_argument("--tta", choices=["none", "flip"], default=None,
-                       help="test-time augmentation stored in the bundle (default flip)")
+    train.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        default=None,
+        help="test-time augmentation stored in the bundle (default flip)",
+    )
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a bundle on a labelled dataset")
     evaluate.add_argument("bundle", type=Path)
     evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--confusion", type=Path, default=None,
-                          help="where to write the confusion matrix (default confusion-eval.png)")
+    evaluate.add_argument(
+        "--confusion",
+        type=Path,
+        default=None,
+        help="where to write the confusion matrix (default confusion-eval.png)",
+    )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.add_argument("--cache-dir", type=Path, default=None)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="top-k labels for image files")
-    predict.add_argument("paths", nargs="+", metavar="[BUNDLE] IMAGE",
-                         help="an optional bundle folder, then image files")
+    predict.add_argument(
+        "paths",
+        nargs="+",
+        metavar="[BUNDLE] IMAGE",
+        help="an optional bundle folder, then image files",
+    )
     predict.add_argument("-k", "--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(handler=cmd_predict)
@@ -91,16 +117,22 @@ def cmd_train(args) -> int:
 
     settings = Settings.from_env(cache_dir=args.cache_dir)
     overrides = {
-        "arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
-        "val_split": args.val_split, "image_size": args.image_size, "tta": args.tta,
+        "arch": args.arch,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "val_split": args.val_split,
+        "image_size": args.image_size,
+        "tta": args.tta,
     }
     config = TrainConfig(seed=args.seed, **{k: v for k, v in overrides.items() if v is not None})
     result = train(args.data, args.out, config, cache_dir=settings.cache_dir)
     metrics = result.metrics
     print(f"wrote {result.path}")
     if metrics.get("val_accuracy") is not None:
-        print(f"validation accuracy {metrics['val_accuracy']:.4f} "
-              f"({metrics['val_accuracy_tta']:.4f} with flip TTA) on {metrics['val_count']} images")
+        print(
+            f"validation accuracy {metrics['val_accuracy']:.4f} "
+            f"({metrics['val_accuracy_tta']:.4f} with flip TTA) on {metrics['val_count']} images"
+        )
     print(f"{metrics['epochs']} epochs in {metrics['wall_time_s']:.0f} s")
     return 0
 
@@ -114,8 +146,10 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"accuracy {report['accuracy']:.4f} on {report['count']} images "
-          f"(model {report['model']}, tta {report['tta']})")
+    print(
+        f"accuracy {report['accuracy']:.4f} on {report['count']} images "
+        f"(model {report['model']}, tta {report['tta']})"
+    )
     width = max(len(name) for name in report["per_class"])
     for name, accuracy in report["per_class"].items():
         print(f"  {name:<{width}}  {accuracy:.4f}")
@@ -143,16 +177,28 @@ def cmd_predict(args) -> int:
             prediction = predictor.classify([load_image(path)], args.top_k)[0]
         except ImagerecError as exc:
             failures += 1
-            output.append({"filename": str(path), "error": {"code": exc.code,
-                                                            "message": exc.message}})
+            output.append(
+                {"filename": str(path), "error": {"code": exc.code, "message": exc.message}}
+            )
             continue
-        output.append({
-            "filename": str(path), "label": prediction.label, "score": prediction.score,
-            "top_k": [{"label": label, "score": score} for label, score in prediction.top_k],
-        })
+        output.append(
+            {
+                "filename": str(path),
+                "label": prediction.label,
+                "score": prediction.score,
+                "top_k": [{"label": label, "score": score} for label, score in prediction.top_k],
+            }
+        )
     if args.json:
-        print(json.dumps({"model": {"name": predictor.name, "version": predictor.version},
-                          "results": output}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "model": {"name": predictor.name, "version": predictor.version},
+                    "results": output,
+                },
+                indent=1,
+            )
+        )
     else:
         for item in output:
             if "error" in item:
@@ -166,8 +212,9 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from imagerec.server import serve
 
-    settings = Settings.from_env(model=args.model, host=args.host, port=args.port,
-                                 threads=args.threads)
+    settings = Settings.from_env(
+        model=args.model, host=args.host, port=args.port, threads=args.threads
+    )
     serve(settings)
     return 0
 

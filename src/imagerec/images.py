@@ -112,13 +112,17 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
 def _check_complete(data: bytes, fmt: str) -> None:
     """Reject truncated files that a decoder would otherwise half-decode without complaint."""
     if fmt == "jpeg" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        raise InvalidImage("truncated JPEG: the end-of-image marker is missing", code="truncated_image")
+        raise InvalidImage(
+            "truncated JPEG: the end-of-image marker is missing", code="truncated_image"
+        )
     if fmt == "png" and _PNG_IEND not in data[-64:]:
         raise InvalidImage("truncated PNG: the IEND chunk is missing", code="truncated_image")
     if fmt == "webp":
         (riff_size,) = struct.unpack("<I", data[4:8])
         if len(data) < riff_size + 8:
-            raise InvalidImage("truncated WebP: shorter than its RIFF header says", code="truncated_image")
+            raise InvalidImage(
+                "truncated WebP: shorter than its RIFF header says", code="truncated_image"
+            )
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -1,0 +1,157 @@
+"""One function per architecture, each returning a Keras model. No training logic.
+
+Every model takes RGB pixel values in 0..255 (any float or uint8-valued tensor) and returns
+class probabilities; normalisation is the model's first layer, so serving cannot skew from
+training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("resnet-small", "mobilenetv2")
+# Keras caches downloaded application weights here; we only use them when already present.
+MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5"
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    input_size: tuple[int, int],
+    mean: list[float],
+    std: list[float],
+    **kwargs,
+) -> keras.Model:
+    if arch == "resnet-small":
+        return resnet_small(num_classes, input_size, mean, std, **kwargs)
+    if arch == "mobilenetv2":
+        return mobilenet_v2(num_classes, input_size, **kwargs)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+
+
+def _conv_group(x, width: int, name: str, activation: str):
+    # airbench's group: conv, pool, norm, act, conv, norm, act. Pooling before the norm
+    # halves the normalisation work at no cost in accuracy.
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn1")(x)
+    x = layers.Activation(activation, name=f"{name}_act1")(x)
+    y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    y = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn2")(y)
+    y = layers.Activation(activation, name=f"{name}_act2")(y)
+    return layers.Add(name=f"{name}_residual")([x, y])
+
+
+def resnet_small(
+    num_classes: int,
+    input_size: tuple[int, int] = (32, 32),
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    widths: tuple[int, ...] = (64, 256, 256),
+    whiten_width: int = 24,
+    activation: str = "relu",
+) -> keras.Model:
+    """A fast residual CNN for small images, after airbench94 and Page's ResNet-9.
+
+    A frozen 2x2 patch-whitening convolution (airbench; set by `init_whitening`), three conv
+    groups with max-pool, batch norm and a residual connection (Page's ResNet-9), then global
+    max-pooling and a linear classifier.
+    """
+    mean = mean or [127.5] * 3
+    std = std or [64.0] * 3
+    inputs = keras.Input((*input_size, 3), name="pixels")
+    x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalize")(inputs)
+    x = layers.Conv2D(
+        whiten_width, 2, padding="valid", use_bias=False, trainable=False, name="whiten"
+    )(x)
+    x = layers.Activation(activation, name="whiten_act")(x)
+    for index, width in enumerate(widths):
+        x = _conv_group(x, width, f"group{index + 1}", activation)
+    x = layers.GlobalMaxPooling2D(name="pool")(x)
+    x = layers.Dense(num_classes, use_bias=False, name="logits")(x)
+    x = layers.Rescaling(0.125, name="logit_scale")(x)  # Page's ResNet-9: tames early steps
+    # Softmax in float32 so that mixed-precision training keeps probabilities exact.
+    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="resnet_small")
+
+
+def whitening_kernel(images: np.ndarray, mean, std, eps: float = 5e-4) -> np.ndarray:
+    """A (2, 2, 3, 2*12) kernel that whitens 2x2 patches of normalised images (airbench94).
+
+    Eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), and their negatives, so
+    that a ReLU after it keeps all of the information.
+    """
+    x = (images.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    patches = (
+        np.concatenate(
+            [
+                x[:, i : i + 2, j : j + 2, :][:, None]
+                for i in range(0, x.shape[1] - 1, 2)
+                for j in range(0, x.shape[2] - 1, 2)
+            ],
+            axis=1,
+        )
+        .reshape(-1, 12)
+        .astype(np.float64)
+    )
+    patches -= patches.mean(axis=0)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = eigenvectors.T / np.sqrt(eigenvalues + eps)[:, None]  # (12 filters, 12 inputs)
+    filters = np.concatenate([filters, -filters])  # (24, 12)
+    return filters.T.reshape(2, 2, 3, -1).astype(np.float32)
+
+
+def init_whitening(model: keras.Model, images: np.ndarray, mean, std) -> None:
+    """Set the whitening layer from a sample of training images (uint8 RGB)."""
+    layer = model.get_layer("whiten")
+    kernel = whitening_kernel(images, mean, std)
+    if kernel.shape != tuple(layer.kernel.shape):
+        raise ValueError(f"whitening kernel {kernel.shape} does not fit {layer.kernel.shape}")
+    layer.kernel.assign(kernel)
+
+
+def mobilenet_v2(
+    num_classes: int,
+    input_size: tuple[int, int] = (96, 96),
+    weights: str | Path | None = "auto",
+    dropout: float = 0.2,
+) -> keras.Model:
+    """MobileNetV2 for transfer learning on larger images.
+
+    weights="auto" uses ImageNet weights when the Keras weight file is already on this machine
+    (nothing is downloaded) and trains from scratch otherwise; None always trains from scratch.
+    """
+    if weights == "auto":
+        weights = _local_mobilenet_weights(input_size)
+    inputs = keras.Input((*input_size, 3), name="pixels")
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inputs)  # MobileNetV2's range
+    base = keras.applications.MobileNetV2(
+        input_shape=(*input_size, 3), include_top=False, weights=None, alpha=1.0
+    )
+    if weights is not None:
+        base.load_weights(str(weights))
+        base.trainable = False  # train the new head on frozen ImageNet features
+        log.info("MobileNetV2 uses ImageNet weights from %s", weights)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    x = layers.Dense(num_classes, name="logits")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="mobilenet_v2")
+
+
+def _local_mobilenet_weights(input_size: tuple[int, int]) -> Path | None:
+    size = input_size[0] if input_size[0] in (96, 128, 160, 192, 224) else 224
+    path = Path(keras.config.keras_home()) / "models" / MOBILENET_WEIGHTS.format(size=size)
+    if path.is_file():
+        return path
+    log.warning("no local ImageNet weights at %s: MobileNetV2 trains from scratch", path)
+    return None

@@ -1,0 +1,460 @@
+"""The training recipe: augmentation, schedule, callbacks, checkpoints. Writes a bundle.
+
+Every hyperparameter lives in TrainConfig with its unit and its reason. The default recipe is
+for 32x32 images (CIFAR-10); figures for it are in benchmarks/results/train_cifar10.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imagerec.bundle import Preprocess, write_bundle
+from imagerec.errors import DatasetError, ImagerecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "resnet-small"
+    epochs: int = 10
+    batch_size: int = 512  # images per step; Page's ResNet-9 batch
+    val_split: float = 0.1  # fraction held out, stratified; 0 trains on everything
+    seed: int = 0
+    image_size: int | None = None  # square side; None: 32 for resnet-small, 96 for mobilenetv2
+    tta: str = "flip"  # test-time augmentation stored in the bundle: mirror and average
+    lr: float = 0.4  # peak learning rate for the mean loss (Page's ResNet-9)
+    warmup: float = 0.2  # fraction of all steps spent ramping the rate up from 0
+    momentum: float = 0.9  # Nesterov momentum
+    weight_decay: float = 5e-3  # decoupled, per step x lr; = Page's 5e-4 L2 under momentum 0.9
+    label_smoothing: float = 0.2  # airbench94 and Page's later versions
+    translate: int = 2  # pixels of random translation with reflection padding (airbench94)
+    precision: str = "auto"  # "auto": bfloat16 compute where the CPU has it (AMX/AVX512-BF16)
+
+    def resolved_image_size(self) -> tuple[int, int]:
+        side = self.image_size or (96 if self.arch == "mobilenetv2" else 32)
+        return side, side
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metrics: dict
+
+
+def train(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    cache_dir: Path | None = None,
+) -> TrainResult:
+    """Train on `data` ('cifar10' or a path) and write a verified bundle to `out`."""
+    from imagerec import data as datasets
+
+    config = config or TrainConfig()
+    out = Path(out)
+    _check_out(out)
+    _check_config(config)
+    size = config.resolved_image_size()
+    train_set, val_set = datasets.load_dataset(data, size, cache_dir=cache_dir)
+    if val_set is None and config.val_split > 0:
+        train_set, val_set = datasets.stratified_split(train_set, config.val_split, config.seed)
+    if len(train_set) < config.batch_size:
+        log.info("only %d training images: batch size lowered to match", len(train_set))
+        config.batch_size = max(1, len(train_set))
+    return _fit(train_set, val_set, out, config, size, str(data))
+
+
+def _check_out(out: Path) -> None:
+    """Fail before training, not after it: the output must be writable and not clobber data."""
+    if out.exists() and not out.is_dir():
+        raise ImagerecError(f"--out {out} exists and is not a folder", code="bad_output")
+    if out.is_dir() and any(out.iterdir()) and not (out / "MANIFEST.sha256").exists():
+        raise ImagerecError(
+            f"--out {out} is a non-empty folder that is not a model bundle; refusing to replace it",
+            code="bad_output",
+        )
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImagerecError(f"cannot create {parent}: {exc.strerror}", code="bad_output") from None
+    if not os.access(parent, os.W_OK):
+        raise ImagerecError(f"cannot write to {parent}: permission denied", code="bad_output")
+
+
+def _check_config(config: TrainConfig) -> None:
+    from imagerec.models import ARCHITECTURES
+
+    if config.arch not in ARCHITECTURES:
+        raise ImagerecError(f"--arch must be one of {', '.join(ARCHITECTURES)}", code="usage")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ImagerecError("--epochs and --batch-size must be at least 1", code="usage")
+    if not 0 <= config.val_split < 1:
+        raise ImagerecError("--val-split must be in [0, 1)", code="usage")
+    if config.image_size is not None and config.image_size < 8:
+        raise ImagerecError("--image-size must be at least 8", code="usage")
+
+
+def use_bfloat16(precision: str) -> bool:
+    if precision in ("bfloat16", "float32"):
+        return precision == "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    # bf16 without AMX or AVX512-BF16 is emulated and slower than float32.
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class WarmupLinearDecay:
+    """Learning rate: linear from 0 to `peak` over `warmup_steps`, then linear to 0 at `total`.
+
+    The triangular shape of Page's ResNet-9 and airbench; a LearningRateSchedule is built from it.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        self.peak = float(peak)
+        self.warmup_steps = max(1, int(warmup_steps))
+        self.total_steps = max(self.warmup_steps + 1, int(total_steps))
+
+    def __call__(self, step):
+        import keras.ops as ops
+
+        step = ops.cast(step, "float32")
+        up = step / self.warmup_steps
+        down = (self.total_steps - step) / (self.total_steps - self.warmup_steps)
+        return self.peak * ops.clip(ops.minimum(up, down), 0.0, 1.0)
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, translate: int) -> np.ndarray:
+    """Random horizontal flip and random translation (reflection padding) of uint8 images."""
+    flip = rng.random(len(images)) < 0.5
+    out = images.copy()
+    out[flip] = out[flip, :, ::-1]
+    if translate:
+        t = translate
+        padded = np.pad(out, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
+        height, width = images.shape[1:3]
+        dy = rng.integers(0, 2 * t + 1, len(images))
+        dx = rng.integers(0, 2 * t + 1, len(images))
+        for oy in range(2 * t + 1):  # one vectorised slice per offset, not per image
+            for ox in range(2 * t + 1):
+                pick = (dy == oy) & (dx == ox)
+                if pick.any():
+                    out[pick] = padded[pick, oy : oy + height, ox : ox + width]
+    return out
+
+
+def _batches(x: np.ndarray, y: np.ndarray, config: TrainConfig, num_classes: int):
+    """A Keras PyDataset of augmented, shuffled batches; augmentation stays on uint8 arrays."""
+    import keras
+
+    class AugmentedBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(config.seed)
+            self.order = self.rng.permutation(len(x))
+            self.eye = np.eye(num_classes, dtype=np.float32)
+
+        def __len__(self):
+            return int(np.ceil(len(x) / config.batch_size))
+
+        def __getitem__(self, index):
+            pick = np.sort(self.order[index * config.batch_size : (index + 1) * config.batch_size])
+            images = augment_batch(x[pick], self.rng, config.translate)
+            return images.astype(np.float32), self.eye[y[pick]]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(x))
+
+    return AugmentedBatches()
+
+
+def _stream_batches(stream, config: TrainConfig, num_classes: int):
+    """Training batches from a folder too large for memory, augmented in the tf.data graph."""
+    import keras
+    import tensorflow as tf
+
+    height, width = stream.image_size
+    flip = keras.layers.RandomFlip("horizontal", seed=config.seed)
+    shift = keras.layers.RandomTranslation(
+        config.translate / height, config.translate / width, fill_mode="reflect", seed=config.seed
+    )
+
+    def prepare(images, labels):
+        images = shift(flip(tf.cast(images, tf.float32)))
+        return images, tf.one_hot(labels, num_classes)
+
+    dataset = stream.to_tf_dataset(config.batch_size, shuffle=True, seed=config.seed)
+    return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+class _EpochTimer:
+    """Adds each epoch's wall time to the logs, so CSVLogger keeps it across resumes."""
+
+    def __new__(cls):
+        import keras
+
+        class EpochTimer(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                if logs is not None:
+                    logs["epoch_time_s"] = time.perf_counter() - self.started
+
+        return EpochTimer()
+
+
+def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: str) -> TrainResult:
+    import keras
+
+    from imagerec import data as datasets
+    from imagerec.models import build_model, init_whitening
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    class_names = list(train_set.class_names)
+    num_classes = len(class_names)
+    streaming = isinstance(train_set, datasets.StreamingImageSet)
+    sample = (
+        train_set.sample_arrays(2000, config.seed)
+        if streaming
+        else train_set.x[np.random.default_rng(config.seed).permutation(len(train_set))[:5000]]
+    )
+    mean, std = datasets.channel_stats(sample if streaming else train_set.x)
+    precision = "mixed_bfloat16" if use_bfloat16(config.precision) else "float32"
+    log.info(
+        "training %s on %d images (%d classes, %dx%d), validating on %d, %s compute",
+        config.arch,
+        len(train_set),
+        num_classes,
+        *size,
+        len(val_set) if val_set else 0,
+        precision,
+    )
+
+    def make_model():
+        model = build_model(config.arch, num_classes, size, mean, std)
+        if config.arch == "resnet-small":
+            init_whitening(model, sample, mean, std)
+        return model
+
+    with _dtype_policy(precision):
+        model = make_model()
+    steps_per_epoch = int(np.ceil(len(train_set) / config.batch_size))
+    total_steps = steps_per_epoch * config.epochs
+    schedule = WarmupLinearDecay(config.lr, config.warmup * total_steps, total_steps)
+    if config.arch == "mobilenetv2":
+        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+    else:
+        optimizer = keras.optimizers.SGD(
+            learning_rate=_keras_schedule(schedule),
+            momentum=config.momentum,
+            nesterov=True,
+            weight_decay=config.weight_decay,
+        )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+    backup = _backup_dir(out, config, train_set.fingerprint)
+    history_csv = backup / "history.csv"
+    callbacks = [
+        _EpochTimer(),
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), delete_checkpoint=False),
+    ]
+    if streaming:
+        batches = _stream_batches(train_set, config, num_classes)
+    else:
+        batches = _batches(train_set.x, train_set.y, config, num_classes)
+    validation = None
+    if val_set is not None and not isinstance(val_set, datasets.StreamingImageSet):
+        validation = (val_set.x.astype(np.float32), np.eye(num_classes)[val_set.y])
+    verbose = 1 if sys.stderr.isatty() else 2
+    history = model.fit(
+        batches,
+        epochs=config.epochs,
+        validation_data=validation,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    resumed_at = history.epoch[0] if history.epoch else config.epochs
+    if resumed_at:
+        log.info("resumed from the checkpoint after epoch %d", resumed_at)
+
+    # Serve in float32: portable to CPUs without bfloat16 and exact; weights are float32 anyway.
+    with _dtype_policy("float32"):
+        final = build_model(config.arch, num_classes, size, mean, std)
+    final.set_weights(model.get_weights())
+    wall_time = time.perf_counter() - started
+    epochs_log = _read_history(history_csv)
+    metrics = _metrics(final, val_set, class_names, config, epochs_log, wall_time, resumed_at)
+    metrics["data"] = {
+        "spec": data_spec,
+        "fingerprint": train_set.fingerprint,
+        "train_count": len(train_set),
+    }
+    artifacts = {"training.png": _curves(epochs_log, config)}
+    if "confusion" in metrics:
+        from imagerec.plots import confusion_png
+
+        matrix = np.array(metrics.pop("confusion"))
+        title = f"validation, {len(val_set)} images, tta {config.tta}"
+        artifacts["confusion.png"] = confusion_png(matrix, class_names, title)
+        metrics["confusion_matrix"] = matrix.tolist()
+    preprocess = Preprocess(input_size=size, mean=mean, std=std, tta=config.tta)
+    path = write_bundle(out, final, class_names, preprocess, metrics, artifacts)
+    shutil.rmtree(backup, ignore_errors=True)  # the run is complete: nothing left to resume
+    return TrainResult(path, metrics)
+
+
+def _keras_schedule(schedule: WarmupLinearDecay):
+    import keras
+
+    class Schedule(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return schedule(step)
+
+        def get_config(self):
+            return {
+                "peak": schedule.peak,
+                "warmup_steps": schedule.warmup_steps,
+                "total_steps": schedule.total_steps,
+            }
+
+    return Schedule()
+
+
+def _backup_dir(out: Path, config: TrainConfig, fingerprint: str) -> Path:
+    """Where BackupAndRestore keeps its checkpoint: beside the bundle, keyed by the run."""
+    key = hashlib.sha256(
+        json.dumps({"config": asdict(config), "data": fingerprint}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    backup = out.parent / f".{out.name}.backup"
+    marker = backup / "run.json"
+    if backup.exists():
+        try:
+            same = json.loads(marker.read_text()).get("key") == key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.warning("discarding a checkpoint in %s from a different run", backup)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            log.info("found a checkpoint of this run in %s: resuming", backup)
+    backup.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": key, "config": asdict(config)}))
+    return backup
+
+
+def _read_history(path: Path) -> dict[str, list[float]]:
+    history: dict[str, list[float]] = {}
+    with contextlib.suppress(OSError), open(path) as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key != "epoch" and value not in ("", None):
+                    history.setdefault(key, []).append(float(value))
+    return history
+
+
+def _curves(history: dict[str, list[float]], config: TrainConfig) -> bytes:
+    from imagerec.plots import training_curves_png
+
+    return training_curves_png(history, f"{config.arch}, {config.epochs} epochs")
+
+
+def predict_probabilities(model, images: np.ndarray, tta: str, batch_size: int = 500):
+    """Probabilities over uint8 images with the given TTA, in batches."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def forward(batch):
+        batch = tf.cast(batch, tf.float32)
+        probs = model(batch, training=False)
+        if tta == "flip":
+            probs = (probs + model(tf.reverse(batch, axis=[2]), training=False)) / 2
+        return probs
+
+    return np.concatenate(
+        [forward(images[i : i + batch_size]).numpy() for i in range(0, len(images), batch_size)]
+    )
+
+
+def _metrics(model, val_set, class_names, config, epochs_log, wall_time, resumed_at) -> dict:
+    import cv2
+    import keras
+    import tensorflow as tf
+
+    metrics = {
+        "arch": config.arch,
+        "epochs": config.epochs,
+        "wall_time_s": round(wall_time, 1),
+        "epoch_times_s": [round(t, 1) for t in epochs_log.get("epoch_time_s", [])],
+        "resumed_at_epoch": resumed_at,
+        "config": asdict(config),
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "opencv": cv2.__version__,
+        },
+        "val_accuracy": None,
+        "val_accuracy_tta": None,
+        "val_count": 0,
+    }
+    if val_set is None:
+        return metrics
+    from imagerec import data as datasets
+    from imagerec.plots import confusion_matrix
+
+    if isinstance(val_set, datasets.StreamingImageSet):
+        raise DatasetError("the validation split is too large for memory; use a smaller val/")
+    plain = predict_probabilities(model, val_set.x, "none")
+    flipped = predict_probabilities(model, val_set.x, "flip")
+    chosen = flipped if config.tta == "flip" else plain
+    predicted = chosen.argmax(axis=1)
+    matrix = confusion_matrix(val_set.y, predicted, len(class_names))
+    per_class = matrix.diagonal() / matrix.sum(axis=1).clip(min=1)
+    metrics.update(
+        {
+            "val_accuracy": float((plain.argmax(1) == val_set.y).mean()),
+            "val_accuracy_tta": float((flipped.argmax(1) == val_set.y).mean()),
+            "val_count": len(val_set),
+            "per_class_accuracy": {
+                n: round(float(a), 4) for n, a in zip(class_names, per_class, strict=True)
+            },
+            "confusion": matrix.tolist(),
+        }
+    )
+    return metrics
