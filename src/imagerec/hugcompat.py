@@ -15,7 +15,6 @@ hug 2.6.1 (2020) is hug's last release, and it pins falcon 2.0.0:
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 import warnings
@@ -112,8 +111,12 @@ def make_cgi_standin() -> types.ModuleType:
 def _import_hug() -> types.ModuleType:
     if "hug" in sys.modules:
         return sys.modules["hug"]
-    if "cgi" not in sys.modules and importlib.util.find_spec("cgi") is None:
-        sys.modules["cgi"] = make_cgi_standin()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*cgi.*")
+        try:
+            import cgi  # noqa: F401  (deprecated in 3.11, gone in 3.13)
+        except ImportError:
+            sys.modules["cgi"] = make_cgi_standin()
     had_unicode = "unicode_" in numpy.__dict__
     if not had_unicode:
         numpy.unicode_ = numpy.str_

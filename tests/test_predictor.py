@@ -1,0 +1,108 @@
+"""MicroBatcher: same answers as the predictor, shared batches, failures kept to their caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from imagerec.predictor import MicroBatcher, Predictor
+from tiny_bundle import make_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    return Predictor.from_path(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny"))
+
+
+def random_images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+
+
+def test_concurrent_callers_get_their_own_predictions(predictor):
+    images = random_images(96)
+    expected = predictor.predict_arrays(images)
+    batch_sizes = []
+    batcher = MicroBatcher(predictor, max_batch=16, max_wait_ms=2, on_batch=batch_sizes.append)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            # Callers send one or three images each, to mix request sizes in a batch.
+            slices = [slice(i, i + (3 if i % 2 else 1)) for i in range(0, 96, 4)]
+            results = list(pool.map(lambda s: batcher.predict_arrays(images[s]), slices))
+    finally:
+        batcher.close()
+    for part, result in zip(slices, results, strict=True):
+        np.testing.assert_allclose(result, expected[part], atol=1e-5)
+    assert sum(batch_sizes) == sum(len(images[s]) for s in slices)
+    assert max(batch_sizes) <= 16
+
+
+def test_classify_matches_the_predictor(predictor):
+    images = [random_images(1, seed)[0] for seed in range(5)]
+    with_batcher = MicroBatcher(predictor)
+    try:
+        got = with_batcher.classify(images, k=3)
+    finally:
+        with_batcher.close()
+    want = predictor.classify(images, k=3)
+    assert [p.label for p in got] == [p.label for p in want]
+    assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-5)
+    assert with_batcher.labels == predictor.labels and with_batcher.version == predictor.version
+
+
+class GatedPredictor:
+    """Holds its first batch until released, then fails any batch holding a poisoned image."""
+
+    def __init__(self, inner: Predictor):
+        self.inner = inner
+        self.input_size = inner.input_size
+        self.labels = inner.labels
+        self.release = threading.Event()
+        self.calls: list[int] = []
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(len(images))
+        if len(self.calls) == 1:
+            self.release.wait(10)
+        if (images == 7).all(axis=(1, 2, 3)).any():
+            raise RuntimeError("poisoned image")
+        return self.inner.predict_arrays(images)
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(predictor):
+    gated = GatedPredictor(predictor)
+    batcher = MicroBatcher(gated, max_batch=64, max_wait_ms=1)
+    good = random_images(4, seed=3)
+    poisoned = np.full((1, 32, 32, 3), 7, np.uint8)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            blocker = pool.submit(batcher.predict_arrays, good[:1])
+            while not gated.calls:  # the worker is now inside the gated first batch
+                time.sleep(0.001)
+            mates = [pool.submit(batcher.predict_arrays, good[i : i + 1]) for i in range(1, 4)]
+            bad = pool.submit(batcher.predict_arrays, poisoned)
+            while batcher._queue.qsize() < 4:  # all four queued behind the gate
+                time.sleep(0.001)
+            gated.release.set()
+            with pytest.raises(RuntimeError, match="poisoned"):
+                bad.result(10)
+            results = [blocker.result(10)] + [m.result(10) for m in mates]
+    finally:
+        batcher.close()
+    assert gated.calls[1] == 4  # the four waiting callers did share one batch
+    np.testing.assert_allclose(np.concatenate(results), predictor.predict_arrays(good), atol=1e-5)
+
+
+def test_wrong_shapes_are_refused_before_they_reach_a_batch(predictor):
+    batcher = MicroBatcher(predictor)
+    try:
+        with pytest.raises(ValueError, match="expected"):
+            batcher.predict_arrays(np.zeros((1, 8, 8, 3), np.uint8))
+        assert batcher.predict_arrays(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 10)
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.predict_arrays(random_images(1))
