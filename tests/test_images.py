@@ -1,0 +1,264 @@
+"""images.py: the one decode path. Magic bytes, header sizes, limits, truncation, conversions."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+import imagerec.images as images
+from imagerec.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from imagerec.images import (
+    decode_image,
+    encode_jpeg,
+    encode_png,
+    image_size,
+    load_image,
+    resize_image,
+    sniff_format,
+)
+
+
+def encode(ext: str, image: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buffer = cv2.imencode(ext, image, params or [])
+    assert ok
+    return buffer.tobytes()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def handmade_png(width: int, height: int, color_type: int, rows: bytes, depth: int = 8) -> bytes:
+    """A PNG built byte by byte, for layouts cv2.imencode cannot write or headers that lie."""
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    """A 23x37 BGR image with structure in every channel."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)
+
+
+# Formats are judged by their bytes
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", b"GIF89a\x01\x00\x01\x00\x80\x00\x00", b"hello"],
+    ids=["pdf", "gif", "text"],
+)
+def test_non_image_formats_are_unsupported_media(content):
+    with pytest.raises(UnsupportedMediaType) as caught:
+        decode_image(content)
+    assert caught.value.status == 415
+    assert caught.value.code == "unsupported_media_type"
+
+
+def test_empty_input_is_a_bad_request():
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(b"")
+    assert caught.value.status == 400 and caught.value.code == "empty_image"
+
+
+def test_a_jpeg_is_recognised_whatever_it_is_called(tmp_path, photo):
+    path = tmp_path / "picture.png"
+    path.write_bytes(encode(".jpg", photo))
+    assert sniff_format(path.read_bytes()) == "jpeg"
+    assert load_image(path).shape == (23, 37, 3)
+
+
+# Sizes come from the header alone
+
+
+@pytest.mark.parametrize(
+    ("ext", "params", "fmt", "chunk"),
+    [
+        (".jpg", [], "jpeg", None),
+        (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], "jpeg", None),
+        (".png", [], "png", None),
+        (".bmp", [], "bmp", None),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80], "webp", b"VP8 "),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], "webp", b"VP8L"),
+    ],
+    ids=["jpeg", "jpeg-progressive", "png", "bmp", "webp-lossy", "webp-lossless"],
+)
+def test_header_size_for_each_format(ext, params, fmt, chunk, photo):
+    content = encode(ext, photo, params)
+    assert sniff_format(content) == fmt
+    if chunk is not None:
+        assert content[12:16] == chunk
+    assert image_size(content, fmt) == (37, 23)
+    assert decode_image(content).shape == (23, 37, 3)
+
+
+def test_header_size_for_an_extended_webp():
+    # VP8X layout: "RIFF" size "WEBP" "VP8X" chunk size, flags, 24-bit width-1 and height-1.
+    header = b"RIFF" + struct.pack("<I", 30) + b"WEBP" + b"VP8X" + struct.pack("<I", 10)
+    header += b"\x10\x00\x00\x00" + (4999).to_bytes(3, "little") + (299).to_bytes(3, "little")
+    assert image_size(header, "webp") == (5000, 300)
+
+
+def test_header_size_for_a_top_down_bmp(photo):
+    content = bytearray(encode(".bmp", photo))
+    content[22:26] = struct.pack("<i", -23)  # negative height means rows stored top-down
+    assert image_size(bytes(content), "bmp") == (37, 23)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp"])
+def test_a_header_cut_short_is_invalid(ext, photo):
+    with pytest.raises(InvalidImage):
+        decode_image(encode(ext, photo)[:12])
+
+
+# The pixel limit is checked before any pixel is decoded
+
+
+def test_a_tiny_file_claiming_a_huge_canvas_is_refused_before_decoding(monkeypatch):
+    bomb = handmade_png(100_000, 100_000, 0, b"\x00" * 101)
+    assert len(bomb) < 200
+
+    def must_not_decode(*args):
+        raise AssertionError("cv2.imdecode ran on an oversized image")
+
+    monkeypatch.setattr(images.cv2, "imdecode", must_not_decode)
+    with pytest.raises(PayloadTooLarge) as caught:
+        decode_image(bomb)
+    assert caught.value.status == 413 and caught.value.code == "too_many_pixels"
+    assert "100000x100000" in caught.value.message
+
+
+def test_the_pixel_limit_is_configurable(photo):
+    content = encode(".png", photo)
+    assert decode_image(content, max_pixels=23 * 37).shape == (23, 37, 3)
+    with pytest.raises(PayloadTooLarge):
+        decode_image(content, max_pixels=23 * 37 - 1)
+
+
+def test_a_header_with_zero_size_is_invalid():
+    with pytest.raises(InvalidImage, match="empty size"):
+        decode_image(handmade_png(0, 10, 0, b""))
+
+
+# Truncated files are refused rather than half decoded
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp"])
+def test_truncated_images_are_refused(ext, photo):
+    content = encode(ext, photo)
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(content[: len(content) * 3 // 4])
+    assert caught.value.code == "truncated_image"
+
+
+def test_garbage_after_a_valid_jpeg_header_is_invalid(photo):
+    content = encode(".jpg", photo)
+    with pytest.raises(InvalidImage):
+        decode_image(content[:200] + b"\x00" * 300 + b"\xff\xd9")
+
+
+# Every image comes out RGB uint8
+
+
+def test_colours_come_out_in_rgb_order():
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    assert (decode_image(encode_png(red)) == [255, 0, 0]).all()
+    decoded = decode_image(encode_jpeg(red, quality=95)).astype(int)
+    assert (decoded[..., 0] > 240).all() and (decoded[..., 1:] < 15).all()
+
+
+def test_grayscale_becomes_three_equal_channels():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    for content in (encode(".png", gray), encode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, 100])):
+        decoded = decode_image(content)
+        assert decoded.shape == (8, 8, 3) and decoded.dtype == np.uint8
+        assert (decoded[..., 0] == decoded[..., 1]).all() and (
+            decoded[..., 1] == decoded[..., 2]
+        ).all()
+    np.testing.assert_array_equal(decode_image(encode(".png", gray))[..., 0], gray)
+
+
+def test_alpha_is_composited_onto_white():
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[0, 0] = [0, 0, 255, 255]  # opaque red
+    bgra[0, 1] = [0, 0, 0, 0]  # fully transparent
+    bgra[1, 0] = [0, 0, 0, 128]  # half-transparent black
+    bgra[1, 1] = [255, 0, 0, 255]  # opaque blue
+    decoded = decode_image(encode(".png", bgra))
+    assert decoded.dtype == np.uint8
+    assert decoded[0, 0].tolist() == [255, 0, 0]
+    assert decoded[0, 1].tolist() == [255, 255, 255]
+    assert decoded[1, 0].tolist() == [127, 127, 127]
+    assert decoded[1, 1].tolist() == [0, 0, 255]
+
+
+def test_gray_with_alpha_is_composited_onto_white():
+    # One row of two pixels (filter byte 0): gray 0 opaque, gray 0 transparent.
+    content = handmade_png(2, 1, 4, b"\x00" + bytes([0, 255, 0, 0]))
+    assert decode_image(content).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+
+
+def test_16_bit_images_are_scaled_to_8_bit():
+    bgr16 = np.zeros((4, 4, 3), np.uint16)
+    bgr16[..., 0] = 65535  # blue at full scale
+    bgr16[..., 1] = 257 * 100  # green at 100 of 255
+    decoded = decode_image(encode(".png", bgr16))
+    assert decoded.dtype == np.uint8
+    assert decoded[0, 0].tolist() == [0, 100, 255]
+
+    gray16 = np.full((4, 4), 257 * 50, np.uint16)
+    assert (decode_image(encode(".png", gray16)) == 50).all()
+
+
+def test_16_bit_with_alpha_is_scaled_and_composited():
+    bgra16 = np.zeros((2, 2, 4), np.uint16)
+    bgra16[..., 2] = 65535  # red
+    bgra16[0, :, 3] = 65535  # top row opaque, bottom row transparent
+    decoded = decode_image(encode(".png", bgra16))
+    assert decoded[0].tolist() == [[255, 0, 0]] * 2
+    assert decoded[1].tolist() == [[255, 255, 255]] * 2
+
+
+# Resizing
+
+
+def test_shrinking_averages_pixels_instead_of_sampling_them():
+    board = (np.indices((96, 96)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    image = np.dstack([board] * 3)
+    small = resize_image(image, (32, 32))
+    assert small.shape == (32, 32, 3)
+    np.testing.assert_array_equal(small, cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA))
+    # Point sampling a one-pixel checkerboard would alias to solid black or white.
+    assert small.min() > 90 and small.max() < 165
+
+
+def test_enlarging_is_bilinear_and_size_is_height_then_width(photo):
+    image = photo[:, :, ::-1].copy()
+    large = resize_image(image, (46, 50))
+    assert large.shape == (46, 50, 3)
+    np.testing.assert_array_equal(
+        large, cv2.resize(image, (50, 46), interpolation=cv2.INTER_LINEAR)
+    )
+
+
+def test_resizing_to_the_same_size_changes_nothing(photo):
+    assert resize_image(photo, (23, 37)) is photo
+
+
+def test_load_image_resizes_and_reports_unreadable_files(tmp_path, photo):
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(".png", photo))
+    assert load_image(path, (10, 12)).shape == (10, 12, 3)
+    with pytest.raises(InvalidImage, match="cannot read"):
+        load_image(tmp_path / "missing.png")
