@@ -1,0 +1,231 @@
+"""The real server: `imagerec serve` under waitress, called with requests and with curl."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from imagerec.api import PredictorSlot, create_app
+from imagerec.config import Settings
+from imagerec.images import decode_image
+from imagerec.predictor import Predictor
+from imagerec.server import make_server
+from tiny_bundle import FIXTURES, LABELS, SAMPLES, make_tiny_bundle
+
+MAX_BODY = 300_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, status: int, process: subprocess.Popen | None = None, limit_s=120) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == status:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer {status}")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle) -> Predictor:
+    return Predictor.from_path(bundle)
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("log") / "serve.log"
+    env = {
+        **os.environ,
+        "IMAGEREC_MAX_BODY_BYTES": str(MAX_BODY),
+        "IMAGEREC_MAX_PIXELS": "1000000",
+        "IMAGEREC_THREADS": "8",
+    }
+    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(bundle)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + "/healthz", 200, process)
+        wait_for(url + "/readyz", 200, process)
+        yield url, process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def top_labels(predictor, data: bytes, k: int = 3) -> list[str]:
+    return [label for label, _ in predictor.classify([decode_image(data)], k)[0].top_k]
+
+
+def test_requests_client_with_each_input_form(server, predictor):
+    url, _, _ = server
+    files = [("image", (p.name, p.read_bytes(), "image/jpeg")) for p in SAMPLES[:2]]
+    by_form = requests.post(url + "/v1/predict", files=files, data={"top_k": "2"}, timeout=30)
+    assert by_form.status_code == 200
+    results = by_form.json()["results"]
+    assert [r["filename"] for r in results] == [p.name for p in SAMPLES[:2]]
+    for result, path in zip(results, SAMPLES[:2], strict=True):
+        assert [t["label"] for t in result["top_k"]] == top_labels(predictor, path.read_bytes(), 2)
+
+    data = SAMPLES[2].read_bytes()
+    raw = requests.post(
+        url + "/v1/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=30
+    )
+    payload = {"images": [{"b64": base64.b64encode(data).decode()}], "top_k": 3}
+    as_json = requests.post(url + "/v1/predict", json=payload, timeout=30)
+    for response in (raw, as_json):
+        assert response.status_code == 200
+        [result] = response.json()["results"]
+        assert [t["label"] for t in result["top_k"]] == top_labels(predictor, data)
+
+    model = requests.get(url + "/v1/model", timeout=30).json()
+    assert model["labels"] == LABELS and model["version"] == predictor.version
+    assert requests.get(url + "/v1/labels", timeout=30).json() == {"labels": LABELS}
+    metrics = requests.get(url + "/metrics", timeout=30).text
+    assert "imagerec_images_classified_total" in metrics and "imagerec_batch_size" in metrics
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl binary")
+def test_curl_multipart(server, predictor):
+    url, _, _ = server
+    path = SAMPLES[0]
+    result = subprocess.run(
+        ["curl", "-sS", "-F", f"image=@{path}", f"{url}/v1/predict?top_k=4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    import json
+
+    [answer] = json.loads(result.stdout)["results"]
+    assert answer["filename"] == path.name
+    assert [t["label"] for t in answer["top_k"]] == top_labels(predictor, path.read_bytes(), 4)
+
+
+def test_every_error_code_over_http(server):
+    url, _, _ = server
+    predict = url + "/v1/predict"
+    jpeg = SAMPLES[0].read_bytes()
+
+    def post(body, content_type="image/jpeg", **kwargs):
+        return requests.post(
+            predict, data=body, headers={"Content-Type": content_type}, timeout=30, **kwargs
+        )
+
+    def chunks():
+        for _ in range(MAX_BODY // 10_000 + 2):
+            yield b"\xff" * 10_000
+
+    cases = {
+        "bad top_k": (post(jpeg, params={"top_k": 99}), 400),
+        "truncated": (post(jpeg[:-200]), 400),
+        "bad base64": (requests.post(predict, json={"images": [{"b64": "@@"}]}, timeout=30), 400),
+        "over Content-Length": (post(b"\xff\xd8\xff" + bytes(MAX_BODY)), 413),
+        "over, chunked": (post(chunks()), 413),
+        "too many pixels": (post(_huge_png_header(), "image/png"), 413),
+        "not an image": (post(b"<html></html>"), 415),
+        "gif declared": (post(b"GIF89a", "image/gif"), 415),
+    }
+    for name, (response, status) in cases.items():
+        assert response.status_code == status, name
+        assert set(response.json()) == {"error"}, name
+    assert requests.get(url + "/no/such/route", timeout=30).status_code == 404
+
+
+def _huge_png_header() -> bytes:
+    import struct
+    import zlib
+
+    chunk = b"IHDR" + struct.pack(">IIBBBBB", 8000, 8000, 8, 2, 0, 0, 0)
+    crc = struct.pack(">I", zlib.crc32(chunk))
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + crc + b"IEND\xaeB`\x82"
+
+
+def test_503_over_http_until_the_model_is_ready(predictor):
+    slot = PredictorSlot()
+    settings = Settings(host="127.0.0.1", port=free_port(), threads=2)
+    server = make_server(create_app(slot, settings).http.server(), settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        assert requests.get(url + "/healthz", timeout=30).status_code == 200
+        not_ready = requests.get(url + "/readyz", timeout=30)
+        assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"
+        jpeg = SAMPLES[0].read_bytes()
+        headers = {"Content-Type": "image/jpeg"}
+        response = requests.post(url + "/v1/predict", data=jpeg, headers=headers, timeout=30)
+        assert response.status_code == 503
+        slot.set(predictor)
+        assert requests.get(url + "/readyz", timeout=30).status_code == 200
+    finally:
+        server.close()
+
+
+def test_32_parallel_clients_get_their_own_answers(server, predictor):
+    url, _, _ = server
+    paths = sorted((FIXTURES / "cifar_small").glob("*/*.jpg"))
+    images = [p.read_bytes() for p in paths]
+    expected = [
+        predictor.predict_arrays(predictor.prepare(decode_image(d))[None])[0] for d in images
+    ]
+    sessions = threading.local()
+
+    def call(index: int):
+        session = getattr(sessions, "session", None) or requests.Session()
+        sessions.session = session
+        i = index % len(images)
+        response = session.post(
+            url + "/v1/predict?top_k=10",
+            data=images[i],
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        )
+        return i, response.status_code, response.json()
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, range(320)))
+    for i, status, body in answers:
+        assert status == 200
+        scores = {t["label"]: t["score"] for t in body["results"][0]["top_k"]}
+        got = np.array([scores[label] for label in LABELS])
+        np.testing.assert_allclose(got, expected[i], atol=1e-5)
+
+
+def test_sigterm_stops_the_server_cleanly(server):
+    url, process, log_path = server
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    log = log_path.read_text()
+    assert f"on {url}/" in log and "stopped" in log
