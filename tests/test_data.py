@@ -538,6 +538,7 @@ def test_an_unwritable_cache_only_warns(cifar_small, tmp_path, caplog):
 def test_a_folder_over_the_memory_limit_streams_through_tf_data(cifar_small, tmp_path):
     root = copy_classes(cifar_small, tmp_path / "ds", ["bird", "cat", "dog"])
     (root / "dog" / "zz-broken.jpg").write_text("not an image")
+    (root / "bird" / "0000.jpg").rename(root / "bird" / "0000-oiseau-\u00e9t\u00e9.jpg")
 
     dataset = load_image_folder(root, (24, 24), cache_dir=tmp_path, memory_limit_bytes=1000)
 
@@ -623,6 +624,12 @@ def test_split_gives_small_classes_one_validation_item():
     train, val = stratified_split(dataset, 0.1, seed=0)
     assert np.bincount(val.y, minlength=3).tolist() == [4, 1, 0]
     assert np.bincount(train.y, minlength=3).tolist() == [36, 1, 1]
+
+
+def test_split_without_a_class_of_two_keeps_everything_for_training():
+    dataset = numbered_set([1, 1, 1])
+    train, val = stratified_split(dataset, 0.5, seed=0)
+    assert train is dataset and val is None
 
 
 def test_split_of_zero_returns_the_set_unchanged():

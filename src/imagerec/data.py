@@ -103,15 +103,16 @@ class StreamingImageSet:
 
         height, width = self.image_size
         size = (height, width)
-        paths = np.array([str(p) for p in self.paths], dtype=object)
+        # fsencode keeps non-ASCII (and non-UTF-8) file names intact through tf.string.
+        paths = [os.fsencode(p) for p in self.paths]
         labels = np.asarray(self.y, dtype=np.int32)
         blank = np.zeros((height, width, 3), np.uint8)
 
         def decode(path: bytes, label: np.int32) -> tuple[np.ndarray, np.int32]:
             try:
-                return load_image(path.decode(), size), np.int32(label)
+                return load_image(os.fsdecode(path), size), np.int32(label)
             except ImagerecError as exc:
-                log.warning("skipping unreadable image %s: %s", path.decode(), exc.message)
+                log.warning("skipping unreadable image %s: %s", os.fsdecode(path), exc.message)
                 return blank, np.int32(-1)
 
         def decode_tf(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -122,7 +123,7 @@ class StreamingImageSet:
             label.set_shape(())
             return image, label
 
-        dataset = tf.data.Dataset.from_tensor_slices((paths.astype(bytes), labels))
+        dataset = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
         if shuffle:
             # The buffer holds paths, not pixels, so a full shuffle stays cheap.
             dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
@@ -506,7 +507,7 @@ def _hash_files(root: Path, rels: list[str], header: dict, check: bool) -> tuple
                     data = handle.read()
             except OSError:
                 data = b""
-            digest.update(f"{rel}\0{len(data)}\0".encode())
+            digest.update(os.fsencode(rel) + f"\0{len(data)}\0".encode())
             digest.update(data)
             if check:
                 try:
@@ -791,7 +792,12 @@ def stratified_split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Datas
             continue
         count = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
         val_parts.append(rng.permutation(members)[:count])
-    val_index = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], np.int64)
+    if not val_parts:
+        log.warning(
+            "no class has two items to split; training on all %d without validation", len(y)
+        )
+        return ds, None
+    val_index = np.sort(np.concatenate(val_parts))
     is_val = np.zeros(len(y), bool)
     is_val[val_index] = True
     train_index = np.flatnonzero(~is_val)
