@@ -40,6 +40,7 @@ from imagerec.errors import (
 )
 from imagerec.hugcompat import FilePart, falcon, hug, install_input_formats
 from imagerec.images import MEDIA_TYPES, decode_image
+from imagerec.webpage import add_web_routes
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +412,7 @@ DEFAULT_ROUTES: tuple[RouteAdder, ...] = (
     add_model_routes,
     add_predict_routes,
     add_metrics_route,
+    add_web_routes,
 )
 
 
