@@ -24,3 +24,44 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 def cifar_small() -> Path:
     """32x32 CIFAR-10 training JPEGs, 8 per class, in root/<class>/NNNN.jpg layout."""
     return FIXTURES / "cifar_small"
+
+
+@pytest.fixture(scope="session")
+def card_bundle(tmp_path_factory: pytest.TempPathFactory, cifar_small: Path) -> Path:
+    """A small bundle fitted to cifar_small, with a confusion matrix and training curves, so
+    the web page has confident answers and a model card to link to (a few seconds on a CPU)."""
+    import keras
+    import numpy as np
+
+    from imagerec.bundle import Preprocess, write_bundle
+    from imagerec.images import load_image
+    from imagerec.plots import confusion_matrix, confusion_png, training_curves_png
+
+    labels = sorted(p.name for p in cifar_small.iterdir() if p.is_dir())
+    paths = sorted(cifar_small.glob("*/*.jpg"))
+    x = np.stack([load_image(p, (32, 32)) for p in paths])
+    y = np.array([labels.index(p.parent.name) for p in paths])
+    order = np.random.default_rng(7).permutation(len(y))  # validation_split takes the tail
+    x, y = x[order], y[order]
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(len(labels), activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, epochs=25, batch_size=16, validation_split=0.25, verbose=0)
+    predicted = model.predict(x, verbose=0).argmax(axis=1)
+    artifacts = {
+        "confusion.png": confusion_png(confusion_matrix(y, predicted, len(labels)), labels),
+        "training.png": training_curves_png(history.history),
+    }
+    metrics = {"val_accuracy": float(history.history["val_accuracy"][-1])}
+    out = tmp_path_factory.mktemp("card-bundle") / "cifar-small"
+    preprocess = Preprocess(input_size=(32, 32), tta="flip")
+    return write_bundle(out, model, labels, preprocess, metrics, artifacts)
