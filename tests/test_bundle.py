@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,20 @@ def test_labels_that_do_not_match_the_model_outputs_are_refused(tmp_path, tiny_m
 def test_an_unknown_tta_mode_is_refused():
     with pytest.raises(BundleError, match="tta"):
         Preprocess.from_dict({"input_size": [32, 32], "tta": "five-crop"})
+
+
+def test_leftovers_of_a_dead_writer_are_cleaned_up(tmp_path, tiny_model):
+    out = tmp_path / "model"
+    dead = _dead_pid()
+    stale = tmp_path / f".model.tmp-{dead}"
+    stale.mkdir()
+    (stale / "model.keras").write_bytes(b"half written")
+    write_bundle(out, tiny_model, [str(i) for i in range(10)], Preprocess((32, 32)), {})
+    assert not stale.exists()
+    verify_bundle(out)
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

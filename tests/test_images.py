@@ -262,3 +262,13 @@ def test_load_image_resizes_and_reports_unreadable_files(tmp_path, photo):
     assert load_image(path, (10, 12)).shape == (10, 12, 3)
     with pytest.raises(InvalidImage, match="cannot read"):
         load_image(tmp_path / "missing.png")
+
+
+def test_bytes_after_the_jpeg_end_marker_are_accepted(photo):
+    """Some cameras append data after the image; the image itself is complete."""
+    data = cv2.imencode(".jpg", photo)[1].tobytes()
+    with_trailer = data + b"\x00\x01trailer written by a phone camera" * 4
+    assert np.array_equal(decode_image(with_trailer), decode_image(data))
+    cut = data[: len(data) - 40] + b"\x00\x01trailer"
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(cut)

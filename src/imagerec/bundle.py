@@ -159,8 +159,8 @@ def write_bundle(
         raise BundleError(f"cannot create {out.parent}: {exc.strerror}") from None
     if not os.access(out.parent, os.W_OK):
         raise BundleError(f"cannot write to {out.parent}: permission denied")
+    _remove_stale_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         model.save(tmp / "model.keras")
@@ -182,6 +182,27 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove_stale_leftovers(out: Path) -> None:
+    """Temporary folders of writers that died (their pid is gone) would otherwise stay forever."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not kind.endswith((".tmp", ".old")) or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:

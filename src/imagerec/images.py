@@ -87,7 +87,13 @@ def _webp_size(data: bytes) -> tuple[int, int]:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
-    i, n = 2, len(data)
+    width, height, _ = _jpeg_layout(data)
+    return width, height
+
+
+def _jpeg_layout(data: bytes) -> tuple[int, int, int]:
+    """(width, height, offset of the first scan) from a walk over the JPEG's marker segments."""
+    i, n, size = 2, len(data), None
     while i < n:
         if data[i] != 0xFF:
             raise InvalidImage("corrupt JPEG: bad marker structure")
@@ -100,18 +106,24 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
             continue  # markers without a length
         (length,) = struct.unpack(">H", data[i : i + 2])
-        if marker in _JPEG_SOF:
+        if marker in _JPEG_SOF and size is None:
             height, width = struct.unpack(">HH", data[i + 3 : i + 7])
-            return width, height
-        if marker == 0xDA:  # scan data began before any frame header
-            break
+            size = (width, height)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            if size is None:
+                break
+            return (*size, i + length)
         i += length
-    raise InvalidImage("corrupt JPEG: no frame header found")
+    if size is None:
+        raise InvalidImage("corrupt JPEG: no frame header found")
+    raise InvalidImage("truncated JPEG: no image data after the header", code="truncated_image")
 
 
 def _check_complete(data: bytes, fmt: str) -> None:
     """Reject truncated files that a decoder would otherwise half-decode without complaint."""
-    if fmt == "jpeg" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+    # Entropy-coded data never holds FF D9 (FF is stuffed), so the first one after the scan
+    # starts is the end of the image; bytes after it (phone trailers) are allowed.
+    if fmt == "jpeg" and data.find(b"\xff\xd9", _jpeg_layout(data)[2]) < 0:
         raise InvalidImage(
             "truncated JPEG: the end-of-image marker is missing", code="truncated_image"
         )

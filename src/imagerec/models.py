@@ -8,6 +8,7 @@ training.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import keras
@@ -150,7 +151,8 @@ def mobilenet_v2(
 
 def _local_mobilenet_weights(input_size: tuple[int, int]) -> Path | None:
     size = input_size[0] if input_size[0] in (96, 128, 160, 192, 224) else 224
-    path = Path(keras.config.keras_home()) / "models" / MOBILENET_WEIGHTS.format(size=size)
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    path = keras_home / "models" / MOBILENET_WEIGHTS.format(size=size)
     if path.is_file():
         return path
     log.warning("no local ImageNet weights at %s: MobileNetV2 trains from scratch", path)

@@ -378,12 +378,16 @@ def _backup_dir(out: Path, config: TrainConfig, fingerprint: str) -> Path:
 
 
 def _read_history(path: Path) -> dict[str, list[float]]:
-    history: dict[str, list[float]] = {}
+    """Per-epoch logs; an epoch logged twice (killed before its checkpoint) keeps its last row."""
+    rows: dict[int, dict] = {}
     with contextlib.suppress(OSError), open(path) as handle:
         for row in csv.DictReader(handle):
-            for key, value in row.items():
-                if key != "epoch" and value not in ("", None):
-                    history.setdefault(key, []).append(float(value))
+            rows[int(row.pop("epoch"))] = row
+    history: dict[str, list[float]] = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            if value not in ("", None):
+                history.setdefault(key, []).append(float(value))
     return history
 
 

@@ -1,0 +1,114 @@
+"""The architectures and the recipe parts that have logic of their own."""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+from imagerec.models import build_model, mobilenet_v2, resnet_small, whitening_kernel
+from imagerec.train import WarmupLinearDecay, augment_batch, use_bfloat16
+
+
+def _correlated_images(count: int, seed: int = 0) -> np.ndarray:
+    """Smooth random images: neighbouring pixels and channels are strongly correlated."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(count, 8, 8, 1))
+    base = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
+    colour = base + 0.3 * rng.normal(size=(count, 32, 32, 3))
+    return np.clip(127 + 40 * colour, 0, 255).astype(np.uint8)
+
+
+def test_whitening_kernel_decorrelates_patches():
+    images = _correlated_images(200)
+    mean, std = [127.0] * 3, [40.0] * 3
+    kernel = whitening_kernel(images, mean, std, eps=1e-6)
+    assert kernel.shape == (2, 2, 3, 24)
+    x = (images.astype(np.float32) - 127.0) / 40.0
+    patches = x[:, :2, :2, :].reshape(len(x), -1).astype(np.float64)
+    patches = np.concatenate(
+        [x[:, i : i + 2, j : j + 2, :].reshape(len(x), -1) for i in (0, 10, 20) for j in (0, 10)]
+    ).astype(np.float64)
+    patches -= patches.mean(axis=0)
+    filters = kernel.reshape(12, 24)[:, :12]  # the positive half
+    whitened = patches @ filters
+    covariance = whitened.T @ whitened / len(whitened)
+    assert np.allclose(covariance, np.eye(12), atol=0.15)
+    # The raw patches were far from white: the kernel did the work.
+    raw = patches.T @ patches / len(patches)
+    assert np.abs(raw - np.diag(np.diag(raw))).max() > 0.5
+    assert np.allclose(kernel[..., 12:], -kernel[..., :12])
+
+
+def test_resnet_small_outputs_probabilities_and_normalises_inside():
+    model = resnet_small(10, (32, 32), mean=[120.0, 110.0, 100.0], std=[60.0, 60.0, 60.0])
+    assert model.output_shape == (None, 10)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    probs = model(images, training=False).numpy()
+    assert probs.shape == (3, 10)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    normalize = model.get_layer("normalize")
+    assert np.allclose(normalize.mean.numpy().ravel(), [120.0, 110.0, 100.0])
+    assert model.get_layer("whiten").trainable is False
+
+
+def test_build_model_rejects_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("vgg", 10, (32, 32), [0.0] * 3, [1.0] * 3)
+
+
+def test_mobilenet_without_local_weights_trains_from_scratch(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        model = mobilenet_v2(4, (32, 32), weights="auto")
+    assert "trains from scratch" in caplog.text
+    assert model.output_shape == (None, 4)
+    probs = model(np.zeros((2, 32, 32, 3), np.float32), training=False).numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert all(layer.trainable for layer in model.layers)
+
+
+def test_mobilenet_uses_a_local_weight_file_and_freezes_the_base(tmp_path):
+    donor = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=None)
+    path = tmp_path / "imagenet.weights.h5"
+    donor.save_weights(path)
+    model = mobilenet_v2(3, (32, 32), weights=path)
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    assert base.trainable is False
+    for ours, theirs in zip(base.get_weights(), donor.get_weights(), strict=True):
+        assert np.array_equal(ours, theirs)
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    schedule = WarmupLinearDecay(peak=1.0, warmup_steps=10, total_steps=110)
+    values = [float(schedule(step)) for step in (0, 5, 10, 60, 110, 200)]
+    assert values == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, 0.0])
+
+
+def test_augment_batch_flips_and_translates_copies_of_each_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    out = augment_batch(images, np.random.default_rng(1), translate=2)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    flipped = moved = 0
+    for original, augmented in zip(images, out, strict=True):
+        candidates = {}
+        for flip in (False, True):
+            source = original[:, ::-1] if flip else original
+            padded = np.pad(source, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+            for dy in range(5):
+                for dx in range(5):
+                    candidates[(flip, dy, dx)] = padded[dy : dy + 8, dx : dx + 8]
+        matches = [key for key, view in candidates.items() if np.array_equal(view, augmented)]
+        assert matches, "every output is a flipped/translated copy of its input"
+        flipped += any(key[0] for key in matches)
+        moved += any(key[1:] != (2, 2) for key in matches)
+    assert 10 < flipped < 54 and moved > 32  # both augmentations actually happen
+    assert np.array_equal(augment_batch(images, np.random.default_rng(1), 2), out)
+
+
+def test_bfloat16_choice_follows_the_request():
+    assert use_bfloat16("float32") is False
+    assert use_bfloat16("bfloat16") is True
