@@ -40,6 +40,8 @@ from imagerec.errors import (
 )
 from imagerec.hugcompat import FilePart, falcon, hug, install_input_formats
 from imagerec.images import MEDIA_TYPES, decode_image
+from imagerec.openapi import add_openapi_route
+from imagerec.protocols import add_tfserving_routes, add_v2_routes
 from imagerec.webpage import add_web_routes
 
 log = logging.getLogger(__name__)
@@ -413,6 +415,9 @@ DEFAULT_ROUTES: tuple[RouteAdder, ...] = (
     add_predict_routes,
     add_metrics_route,
     add_web_routes,
+    add_v2_routes,
+    add_tfserving_routes,
+    add_openapi_route,
 )
 
 
