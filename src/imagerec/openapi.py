@@ -57,7 +57,7 @@ def operation(
     responses: dict,
     *,
     body: dict | None = None,
-    query: tuple[dict, ...] = (),
+    query: tuple[dict, ...] = (),  # query and header parameters
     description: str | None = None,
 ) -> dict:
     """One OpenAPI operation; path parameters are added from the path when it is placed."""
@@ -84,12 +84,21 @@ PATH_PARAMETERS = {
 }
 PATH_PARAMETER = re.compile(r"{(\w+)}")
 
+HEADER_LENGTH = {
+    "name": "Inference-Header-Content-Length",
+    "in": "header",
+    "required": False,
+    "description": "Binary tensor data extension: the length of the JSON part of the body",
+    "schema": {"type": "integer", "minimum": 0},
+}
 V2_INFER_BODY = {
     "application/json": {"schema": ref("InferenceRequest")},
     "application/octet-stream": {
-        "schema": BINARY,
-        "description": "Binary tensor data extension: the JSON request (its length in the "
-        "Inference-Header-Content-Length header), then each binary input's bytes",
+        "schema": {
+            **BINARY,
+            "description": "Binary tensor data extension: the JSON request (its length in the "
+            "Inference-Header-Content-Length header), then each binary input's bytes",
+        }
     },
 }
 V2_INFER_RESPONSES = {
@@ -248,6 +257,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "open inference protocol v2",
         V2_INFER_RESPONSES,
         body=V2_INFER_BODY,
+        query=(HEADER_LENGTH,),
         description="Input: BYTES [N] of encoded images (base64 strings in JSON, raw bytes with "
         "the binary tensor data extension), or UINT8/FP32 [N, H, W, 3] pixels 0..255. Output "
         '"probabilities": FP32 [N, classes], or with {"classification": k} BYTES [N, k] of '
@@ -258,6 +268,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "open inference protocol v2",
         V2_INFER_RESPONSES,
         body=V2_INFER_BODY,
+        query=(HEADER_LENGTH,),
     ),
     ("GET", "/v1/models/{name}"): operation(
         "TF Serving model status",
