@@ -65,3 +65,62 @@ def card_bundle(tmp_path_factory: pytest.TempPathFactory, cifar_small: Path) -> 
     out = tmp_path_factory.mktemp("card-bundle") / "cifar-small"
     preprocess = Preprocess(input_size=(32, 32), tta="flip")
     return write_bundle(out, model, labels, preprocess, metrics, artifacts)
+
+
+@pytest.fixture(scope="session")
+def protocol_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle (tests/tiny_bundle.py) that the wire-protocol tests serve."""
+    from tiny_bundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("protocol-bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def protocol_predictor(protocol_bundle: Path):
+    """An in-process Predictor of `protocol_bundle`: the answers the protocols must match."""
+    from imagerec.predictor import Predictor
+
+    return Predictor.from_path(protocol_bundle)
+
+
+@pytest.fixture(scope="session")
+def live_server(protocol_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`imagerec serve` on a free port in a subprocess, ready; yields its base URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("live-server") / "serve.log"
+    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(protocol_bundle)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # poll until the model is loaded and warm
+            if process.poll() is not None:
+                raise RuntimeError(f"imagerec serve exited: {log_path.read_text()[-2000:]}")
+            try:
+                if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} was not ready: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
