@@ -43,6 +43,8 @@ PROTOCOL_ERRORS = {
     "413": answer("The body or an image is over the size limit", ref("ProtocolError")),
     "415": answer("Not a supported content type or image format", ref("ProtocolError")),
     "503": answer("The model is still loading (or failed to load)", ref("ProtocolError")),
+    # falcon matches "{name}:predict" only where the name has no line break; others fall through
+    "405": answer("The URL matched a route without this method", ref("ProtocolError")),
 }
 NOT_MODIFIED = answer("The client's copy (If-None-Match) is current")
 
@@ -115,7 +117,7 @@ V2_INFER_RESPONSES = {
 TF_PREDICT_BODY = json_content(ref("TFPredictRequest"))
 TF_CLASSIFY_BODY = json_content(ref("TFClassifyRequest"))
 READ_ERRORS = errors(PROTOCOL_ERRORS, "404", "503")
-TF_POST_ERRORS = errors(PROTOCOL_ERRORS, "400", "404", "413", "415", "503")
+TF_POST_ERRORS = errors(PROTOCOL_ERRORS, "400", "404", "405", "413", "415", "503")
 
 OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/healthz"): operation(
@@ -317,12 +319,12 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("POST", "/v1/models/{name}:regress"): operation(
         "TF Serving regress: always 400, the model is a classifier",
         "tensorflow serving",
-        errors(PROTOCOL_ERRORS, "400", "404", "503"),
+        errors(PROTOCOL_ERRORS, "400", "404", "405", "503"),
     ),
     ("POST", "/v1/models/{name}/versions/{version}:regress"): operation(
         "TF Serving regress, one version: always 400",
         "tensorflow serving",
-        errors(PROTOCOL_ERRORS, "400", "404", "503"),
+        errors(PROTOCOL_ERRORS, "400", "404", "405", "503"),
     ),
 }
 
