@@ -6,7 +6,11 @@ const MAX_IN_FLIGHT = 4; // more would only queue in the browser and inflate the
 const MODEL_RETRY_MS = 2000;
 
 const $ = (id) => document.getElementById(id);
-const percent = new Intl.NumberFormat(undefined, { style: "percent", maximumFractionDigits: 1 });
+const percent = new Intl.NumberFormat(undefined, {
+  style: "percent",
+  minimumFractionDigits: 1,
+  maximumFractionDigits: 1,
+});
 
 const results = $("results");
 const fileInput = $("file-input");
@@ -212,7 +216,10 @@ async function loadCard() {
   try {
     const response = await fetch("/v1/model/card", { headers: { Accept: "application/json" } });
     if (!response.ok) return;
-    const { files } = await response.json();
+    // People want the pictures and the metrics; labels and preprocessing are in the header.
+    const files = (await response.json()).files.filter(
+      (file) => file.content_type.startsWith("image/") || file.name === "metrics.json",
+    );
     const links = $("model-card-links");
     links.replaceChildren(
       ...files.map(({ title, url }) => {
