@@ -1,0 +1,284 @@
+"""The web page in a real headless Chromium (Debian's package) against the real server.
+
+Playwright drives the system browser, never one it downloads: set IMAGEREC_CHROMIUM or put
+`chromium` on PATH. With CI set, a missing browser fails these tests instead of skipping them.
+Screenshots of the page with results go to test-artifacts/ at the repository root.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # reported by the `browser` fixture, as a skip or (under CI) a failure
+    sync_playwright = None
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLES = FIXTURES / "samples"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+# The test machine has no internet: keep Chromium from phoning home and retrying refusals.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 30_000  # a shared CI core can be slow to run the model; the page is not
+
+
+def unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the browser tests (apt-get install -y chromium)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        unavailable("playwright is not installed (pip install -e '.[test]')")
+    executable = os.environ.get("IMAGEREC_CHROMIUM") or shutil.which("chromium")
+    if not executable:
+        unavailable("no chromium browser: set IMAGEREC_CHROMIUM or put chromium on PATH")
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(card_bundle, tmp_path_factory):
+    """`imagerec serve` on a free port, ready (model loaded) before the first test."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(card_bundle)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(url + "/readyz"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not get ready:\n{log_path.read_text()}")
+            time.sleep(0.1)  # polling for startup, not timing anything
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=server)
+    page = context.new_page()
+    page.goto("/")
+    yield page
+    context.close()
+
+
+def api_label(server: str, path: Path) -> str:
+    """The label the API itself gives `path`: what the page must show."""
+    files = {"image": (path.name, path.read_bytes(), "image/jpeg")}
+    response = requests.post(server + "/v1/predict", files=files, timeout=60)
+    response.raise_for_status()
+    return response.json()["results"][0]["label"]
+
+
+def result_for(page, name: str):
+    return page.locator("#results > li").filter(
+        has=page.locator(".filename", has_text=re.compile(f"^{re.escape(name)}$"))
+    )
+
+
+def screenshot(page, name: str) -> Path:
+    """The whole page, by growing the viewport to it: Chromium's full-page capture drops touch
+    emulation, which would show a phone the desktop layout."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    height = page.evaluate("document.documentElement.scrollHeight")
+    page.set_viewport_size({"width": page.viewport_size["width"], "height": height})
+    page.screenshot(path=str(path))
+    return path
+
+
+def test_the_page_names_its_model_and_links_the_model_card(page, card_bundle):
+    expect(page.locator("#model-status")).to_have_text("Ready: 10 kinds of things.")
+    expect(page.locator("#model-name")).to_have_text(card_bundle.name)
+    expect(page.locator("#model-labels")).to_contain_text("airplane, automobile, bird")
+    expect(page.locator("#model-accuracy")).to_have_text(re.compile(r"^\d+(\.\d)?%$"))
+    for title, name in (("Confusion matrix", "confusion.png"), ("Training curves", "training.png")):
+        link = page.get_by_role("link", name=title)
+        expect(link).to_have_attribute("href", f"/v1/model/card/{name}")
+        picture = page.request.get(link.get_attribute("href"))
+        assert picture.ok and picture.headers["content-type"] == "image/png"
+
+
+def test_an_uploaded_image_shows_the_apis_label_with_bars_and_time(page, server):
+    sample = SAMPLES / "cat.jpg"
+    page.set_input_files("#file-input", sample)
+    result = result_for(page, "cat.jpg")
+    expect(result.locator(".state")).to_have_text(f"Most likely: {api_label(server, sample)}")
+    expect(result.locator(".score")).to_have_count(3)
+    expect(result.locator(".score-value").first).to_have_text(re.compile(r"^\d+\.\d%$"))
+    expect(result.locator(".timing")).to_have_text(re.compile(r"^answered in \d+(\.\d)? m?s$"))
+    expect(result.locator(".thumb img")).to_have_attribute("src", re.compile("^blob:"))
+
+
+def test_two_images_at_once_show_two_results(page, server):
+    samples = [SAMPLES / "ship.jpg", FIXTURES / "cifar_small" / "horse" / "0003.jpg"]
+    page.set_input_files("#file-input", samples)
+    expect(page.locator("#results > li")).to_have_count(2)
+    for path in samples:
+        state = result_for(page, path.name).locator(".state")
+        expect(state).to_have_text(f"Most likely: {api_label(server, path)}")
+    expect(page.locator("#results > li[aria-busy]")).to_have_count(0)
+    shot = screenshot(page, "webpage-desktop.png")
+    assert shot.stat().st_size > 10_000
+
+
+TEXT_FILE = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"shopping: milk\n"}
+
+
+def test_a_text_file_shows_the_servers_refusal_in_words(page):
+    with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as answer:
+        page.set_input_files("#file-input", files=[TEXT_FILE])
+    assert answer.value.status == 415  # the server decided, not the page
+    result = result_for(page, "notes.txt")
+    expect(result).to_have_class(re.compile(r"\bfailed\b"))
+    expect(result.locator(".state")).to_have_text(
+        "“notes.txt” is not a picture the model can read. Use a JPEG, PNG, WebP or BMP image."
+    )
+    expect(result.locator(".state")).not_to_contain_text("{")
+
+
+def test_dropped_and_pasted_images_are_recognised(page, server):
+    sample = SAMPLES / "dog.jpg"
+    encoded = base64.b64encode(sample.read_bytes()).decode()
+    page.evaluate(
+        """([encoded, name]) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = () => {
+                const data = new DataTransfer();
+                data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+                return data;
+            };
+            const zone = document.getElementById("drop");
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer(), bubbles: true }));
+            document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer() }));
+        }""",
+        [encoded, sample.name],
+    )
+    label = api_label(server, sample)
+    expect(result_for(page, "dog.jpg").locator(".state")).to_have_text(f"Most likely: {label}")
+    pasted = result_for(page, "Pasted image 1").locator(".state")
+    expect(pasted).to_have_text(f"Most likely: {label}")
+
+
+def catch_file_choosers(page) -> None:
+    # Playwright turns on file-chooser interception without waiting; subscribe well before.
+    page.on("filechooser", lambda _chooser: None)
+
+
+def test_the_drop_zone_opens_the_file_dialog_from_the_keyboard(page, server):
+    catch_file_choosers(page)
+    expect(page.get_by_role("link", name="Training curves")).to_be_visible()
+    for _ in range(10):  # skip link, model card links, then the drop zone
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "drop":
+            break
+    expect(page.locator("#drop")).to_be_focused()
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    assert chooser.value.is_multiple()
+    sample = SAMPLES / "frog.jpg"
+    chooser.value.set_files(sample)
+    expect(result_for(page, "frog.jpg").locator(".state")).to_have_text(
+        f"Most likely: {api_label(server, sample)}"
+    )
+
+
+def test_server_trouble_is_put_in_words(page):
+    answers = iter(
+        [
+            lambda route: route.fulfill(
+                status=503,
+                json={"error": {"code": "not_ready", "message": "the model is still loading"}},
+            ),
+            lambda route: route.abort("connectionrefused"),
+            lambda route: route.fulfill(
+                status=413, json={"error": {"code": "payload_too_large", "message": "too big"}}
+            ),
+        ]
+    )
+    page.route("**/v1/predict", lambda route: next(answers)(route))
+    expected = [
+        "The model is still loading. Try again in a few seconds.",
+        "Cannot reach the server. Check that it is running and that you are online, "
+        "then try again.",
+        "“big.jpg” is too large to send (16 bytes). Try a smaller picture.",
+    ]
+    for message in expected:
+        # One upload at a time, so each meets the answer meant for it.
+        page.set_input_files("#file-input", files=[_jpeg("big.jpg")])
+        expect(page.locator("#results > li").first.locator(".state")).to_have_text(message)
+
+
+def _jpeg(name: str) -> dict:
+    return {"name": name, "mimeType": "image/jpeg", "buffer": b"\xff\xd8\xff" + bytes(13)}
+
+
+def test_a_phone_sees_the_camera_and_no_sideways_scrolling(browser, server):
+    context = browser.new_context(
+        viewport={"width": 375, "height": 812}, is_mobile=True, has_touch=True
+    )
+    try:
+        page = context.new_page()
+        catch_file_choosers(page)
+        page.goto(server)
+        expect(page.get_by_role("button", name="Take a photo")).to_be_visible()
+        with page.expect_file_chooser() as chooser:
+            page.get_by_role("button", name="Take a photo").tap()
+        chooser.value.set_files(SAMPLES / "airplane.jpg")
+        page.set_input_files(
+            "#file-input",
+            [SAMPLES / "automobile.jpg", FIXTURES / "cifar_small" / "bird" / "0001.jpg"],
+        )
+        expect(page.locator("#results .state", has_text="Most likely")).to_have_count(3)
+        pdf = {"name": "report.pdf", "mimeType": "application/pdf", "buffer": b"%PDF-1.4\n%%EOF\n"}
+        page.set_input_files("#file-input", files=[pdf])
+        expect(result_for(page, "report.pdf").locator(".state")).to_have_text(
+            "“report.pdf” is a PDF document. Use a JPEG, PNG, WebP or BMP image."
+        )
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        screenshot(page, "webpage-phone.png")
+    finally:
+        context.close()
