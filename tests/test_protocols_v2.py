@@ -256,6 +256,9 @@ def test_not_ready_and_over_limit_in_process(protocol_predictor):
         assert response.status.startswith("503"), path
         assert "loading" in response.data["error"], path
 
+    not_ready = hug.test.post(api, "/v2/models/tiny/infer", body=json.dumps({"inputs": []}))
+    assert not_ready.status.startswith("503") and "loading" in not_ready.data["error"]
+
     slot.set(protocol_predictor)
     assert hug.test.get(api, "/v2/health/ready").status == "200 OK"
     big = json.dumps({"inputs": [], "pad": "x" * 2000})

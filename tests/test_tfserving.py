@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import requests
 
+from imagerec.api import PredictorSlot, create_app
+from imagerec.config import Settings
+from imagerec.hugcompat import hug
 from imagerec.images import decode_image
 from tiny_bundle import LABELS, SAMPLES
 
@@ -184,3 +187,14 @@ def test_native_v1_routes_live_beside_tf_serving(live_server, protocol_predictor
     assert native.status_code == 200 and "results" in native.json()
     native_error = requests.post(f"{live_server}/v1/predict", json={"images": [{"b64": "@"}]})
     assert set(native_error.json()["error"]) == {"code", "message"}  # imagerec's own shape
+
+
+def test_503_until_the_model_is_loaded(protocol_predictor):
+    slot = PredictorSlot()
+    api = create_app(slot, Settings())
+    status = hug.test.get(api, "/v1/models/tiny")
+    predict = hug.test.post(api, "/v1/models/tiny:predict", body='{"instances": [{"b64": ""}]}')
+    for response in (status, predict):
+        assert response.status.startswith("503") and "loading" in response.data["error"]
+    slot.set(protocol_predictor)
+    assert hug.test.get(api, f"/v1/models/{protocol_predictor.name}").status == "200 OK"
