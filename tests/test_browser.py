@@ -226,6 +226,32 @@ def test_the_drop_zone_opens_the_file_dialog_from_the_keyboard(page, server):
     )
 
 
+def test_a_page_opened_while_the_model_loads_says_so_then_catches_up(browser, server):
+    context = browser.new_context(base_url=server)
+    try:
+        page = context.new_page()
+        refused = []
+
+        def not_ready_once(route):
+            if refused:
+                return route.continue_()
+            refused.append(route.request.url)
+            error = {"code": "not_ready", "message": "the model is still loading"}
+            return route.fulfill(status=503, json={"error": error})
+
+        page.route("**/v1/model", not_ready_once)
+        page.goto("/")
+        expect(page.locator("#model-status")).to_have_text(
+            "The model is still loading. This page updates when it is ready."
+        )
+        expect(page.locator("#model-facts")).to_be_hidden()
+        expect(page.locator("#model-card")).to_be_hidden()
+        expect(page.locator("#model-status")).to_have_text("Ready: 10 kinds of things.")
+        expect(page.locator("#model-facts")).to_be_visible()
+    finally:
+        context.close()
+
+
 def test_server_trouble_is_put_in_words(page):
     answers = iter(
         [
