@@ -36,6 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    "--disable-dev-shm-usage",  # containers often give /dev/shm only 64 MB
 ]
 TIMEOUT_MS = 30_000  # a shared CI core can be slow to run the model; the page is not
 
