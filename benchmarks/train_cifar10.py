@@ -32,6 +32,13 @@ def main() -> int:
     parser.add_argument("--data", default="cifar10", help="'cifar10' or the shared image folder")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument(
+        "--compare-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also train seed 0 for these epoch counts (accuracy against time)",
+    )
     parser.add_argument("--final", action="store_true", help="then train on all images")
     parser.add_argument("--final-out", type=Path, default=ROOT / "models" / "cifar10")
     parser.add_argument("--work", type=Path, default=Path("/tmp/imagerec-bench-train"))
@@ -43,11 +50,20 @@ def main() -> int:
     for seed in args.seeds:
         out = args.work / f"seed{seed}-e{args.epochs or 'default'}"
         runs.append(run(args, out, ["--seed", str(seed)], f"seed {seed}, 45,000/5,000"))
+    compared = [
+        run(
+            args,
+            args.work / f"seed0-e{epochs}",
+            ["--seed", "0", "--epochs", str(epochs)],
+            f"seed 0, {epochs} epochs",
+        )
+        for epochs in args.compare_epochs
+    ]
     final = None
     if args.final:
         final = run(args, args.final_out, ["--seed", "0", "--val-split", "0"], "final, 50,000")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(report(args, runs, final))
+    args.results.write_text(report(args, runs, compared, final))
     print(f"wrote {args.results}")
     return 0
 
@@ -90,7 +106,7 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu} ({', '.join(extras) or 'no AVX-512'})"
 
 
-def report(args, runs: list[dict], final: dict | None) -> str:
+def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> str:
     first = (runs or [final])[0]["metrics"]
     versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
     lines = [
@@ -126,6 +142,20 @@ def report(args, runs: list[dict], final: dict | None) -> str:
             lines.append(
                 f"\nMean {name}: **{statistics.mean(values):.4f}** ± {spread:.4f} (sample std "
                 f"over {len(values)} seed{'s' if len(values) > 1 else ''})."
+            )
+        lines.append("")
+    if compared:
+        lines += [
+            "## Accuracy against epochs (seed 0, same split)",
+            "",
+            "| epochs | wall time (s) | val acc | val acc, flip TTA |",
+            "|---|---|---|---|",
+        ]
+        for entry in sorted(runs[:1] + compared, key=lambda e: e["metrics"]["epochs"]):
+            m = entry["metrics"]
+            lines.append(
+                f"| {m['epochs']} | {m['wall_time_s']:.0f} | {m['val_accuracy']:.4f} | "
+                f"{m['val_accuracy_tta']:.4f} |"
             )
         lines.append("")
     if final:
