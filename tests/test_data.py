@@ -565,11 +565,20 @@ def test_a_folder_over_the_memory_limit_streams_through_tf_data(cifar_small, tmp
     assert sample.shape == (5, 24, 24, 3) and sample.dtype == np.uint8
 
 
+def _with_bogus_sampling(jpeg: bytes) -> bytes:
+    out, i = bytearray(jpeg), 2
+    while out[i + 1] not in (0xC0, 0xC2):  # walk to the frame header
+        i += 2 + int.from_bytes(out[i + 2 : i + 4], "big")
+    out[i + 11] = 0  # first component's sampling factors: invalid, but only the decoder looks
+    return bytes(out)
+
+
 def test_a_streamed_file_that_fails_to_decode_is_dropped(cifar_small, tmp_path):
     root = copy_classes(cifar_small, tmp_path / "ds", ["cat", "dog"])
     good = (root / "dog" / "0000.jpg").read_bytes()
-    # A valid header with garbage scan data passes the cheap check but fails to decode.
-    (root / "dog" / "zz-scan.jpg").write_bytes(good[:200] + b"\x00" * 400 + b"\xff\xd9")
+    # Complete, with a readable size, but impossible sampling factors: the cheap header check
+    # passes and only the decoder finds out.
+    (root / "dog" / "zz-scan.jpg").write_bytes(_with_bogus_sampling(good))
     dataset = load_image_folder(root, (32, 32), cache_dir=tmp_path, memory_limit_bytes=1000)
 
     assert len(dataset) == 17  # its header looks fine, so it is only found out when decoded
