@@ -86,41 +86,7 @@ def protocol_predictor(protocol_bundle: Path):
 @pytest.fixture(scope="session")
 def live_server(protocol_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     """`imagerec serve` on a free port in a subprocess, ready; yields its base URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
+    from live_server import running_server
 
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("live-server") / "serve.log"
-    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(protocol_bundle)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:  # poll until the model is loaded and warm
-            if process.poll() is not None:
-                raise RuntimeError(f"imagerec serve exited: {log_path.read_text()[-2000:]}")
-            try:
-                if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} was not ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_server(protocol_bundle, tmp_path_factory.mktemp("live-server")) as server:
+        yield server.url

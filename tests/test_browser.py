@@ -11,14 +11,12 @@ import base64
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from live_server import running_server
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -61,40 +59,11 @@ def browser():
         browser.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(card_bundle, tmp_path_factory):
     """`imagerec serve` on a free port, ready (model loaded) before the first test."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(card_bundle)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not _answers(url + "/readyz"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not get ready:\n{log_path.read_text()}")
-            time.sleep(0.1)  # polling for startup, not timing anything
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
+    with running_server(card_bundle, tmp_path_factory.mktemp("serve")) as live:
+        yield live.url
 
 
 @pytest.fixture

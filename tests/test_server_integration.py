@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,29 +19,10 @@ from imagerec.config import Settings
 from imagerec.images import decode_image
 from imagerec.predictor import Predictor
 from imagerec.server import make_server
+from live_server import free_port, running_server
 from tiny_bundle import FIXTURES, LABELS, SAMPLES, make_tiny_bundle
 
 MAX_BODY = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, status: int, process: subprocess.Popen | None = None, limit_s=120) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code == status:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer {status}")
 
 
 @pytest.fixture(scope="module")
@@ -60,28 +37,13 @@ def predictor(bundle) -> Predictor:
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("log") / "serve.log"
     env = {
-        **os.environ,
         "IMAGEREC_MAX_BODY_BYTES": str(MAX_BODY),
         "IMAGEREC_MAX_PIXELS": "1000000",
         "IMAGEREC_THREADS": "8",
     }
-    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(bundle)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url + "/healthz", 200, process)
-        wait_for(url + "/readyz", 200, process)
-        yield url, process, log_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with running_server(bundle, tmp_path_factory.mktemp("log"), env) as live:
+        yield live.url, live.process, live.log_path
 
 
 def top_labels(predictor, data: bytes, k: int = 3) -> list[str]:
