@@ -185,6 +185,17 @@ def test_32_parallel_clients_get_their_own_answers(server, predictor):
         np.testing.assert_allclose(got, expected[i], atol=1e-5)
 
 
+def test_a_body_over_the_limit_is_refused_in_the_shape_of_its_protocol(server):
+    url, _, _ = server
+    body = b"x" * (MAX_BODY + 1)
+    native = requests.post(url + "/v1/predict", data=body, timeout=30)
+    assert native.status_code == 413 and native.json()["error"]["code"] == "payload_too_large"
+    for path in ("/v2/models/tiny/infer", "/v1/models/tiny:predict"):
+        answer = requests.post(url + path, data=body, timeout=30)
+        assert answer.status_code == 413, path
+        assert isinstance(answer.json()["error"], str) and "body" in answer.json()["error"]
+
+
 def test_sigterm_stops_the_server_cleanly(server):
     url, process, log_path = server
     process.send_signal(signal.SIGTERM)

@@ -22,12 +22,16 @@ from imagerec.api import PredictorSlot, ServingMetrics, create_app
 from imagerec.bundle import verify_bundle
 from imagerec.config import Settings
 from imagerec.errors import ImagerecError
+from imagerec.protocols.common import protocol_error_prefixes
 
 log = logging.getLogger(__name__)
 
 
 class JSONErrorTask(ErrorTask):
-    """waitress's own errors (413 body too large, 400 bad framing) in the API's JSON shape."""
+    """waitress's own errors (413 body too large, 400 bad framing) in the API's JSON shape, or
+    the wire protocols' {"error": "message"} under their URL prefixes."""
+
+    protocol_prefixes: tuple[str, ...] = ()
 
     def execute(self) -> None:
         error = self.request.error
@@ -35,7 +39,10 @@ class JSONErrorTask(ErrorTask):
         message = error.body or error.reason
         if error.code == 413:
             code, message = "payload_too_large", f"the request body {message} bytes"
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        if (self.request.path or "").startswith(self.protocol_prefixes):
+            body = json.dumps({"error": message}).encode()
+        else:
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
@@ -43,12 +50,12 @@ class JSONErrorTask(ErrorTask):
         self.write(body)
 
 
-class JSONErrorChannel(HTTPChannel):
-    error_task_class = JSONErrorTask
-
-
-def make_server(app, settings: Settings):
+def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()):
     """A waitress server for the WSGI `app`, with the body limit the API enforces too."""
+
+    error_task = type("ErrorTask", (JSONErrorTask,), {"protocol_prefixes": protocol_prefixes})
+    channel = type("JSONErrorChannel", (HTTPChannel,), {"error_task_class": error_task})
+
     server = create_server(
         app,
         host=settings.host,
@@ -63,7 +70,7 @@ def make_server(app, settings: Settings):
     )
     for listener in [server, *listeners]:
         if isinstance(listener, BaseWSGIServer):
-            listener.channel_class = JSONErrorChannel
+            listener.channel_class = channel
     return server
 
 
@@ -98,7 +105,7 @@ def serve(settings: Settings) -> None:
     slot = PredictorSlot()
     metrics = ServingMetrics()
     api = create_app(slot, settings, metrics=metrics)
-    server = make_server(api.http.server(), settings)
+    server = make_server(api.http.server(), settings, protocol_error_prefixes(api))
     loader = threading.Thread(
         target=load_model, args=(slot, settings, metrics), name="imagerec-loader", daemon=True
     )

@@ -63,6 +63,12 @@ def install_protocol_errors(api: hug.API, *prefixes: str) -> None:
     middleware.prefixes = tuple(dict.fromkeys(middleware.prefixes + prefixes))
 
 
+def protocol_error_prefixes(api: hug.API) -> tuple[str, ...]:
+    """The URL prefixes whose errors take the protocols' {"error": "message"} shape."""
+    middleware = api.context.get(_INSTALLED)
+    return middleware.prefixes if middleware is not None else ()
+
+
 def error_message(body: Any) -> str:
     """The message in an error body of any shape the stack produces, or "" if there is none."""
     try:
