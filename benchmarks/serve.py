@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,13 +83,60 @@ def run_client(url: str, concurrency: int, requests_total: int) -> dict:
     }
 
 
+WRK_SCRIPT = """
+local bodies, count = {}, 0
+for path in string.gmatch(os.getenv("IMAGEREC_BENCH_FILES"), "[^;]+") do
+  local file = io.open(path, "rb"); bodies[#bodies + 1] = file:read("*a"); file:close()
+end
+local headers = {["Content-Type"] = "image/jpeg"}
+request = function()
+  count = count + 1
+  return wrk.format("POST", "/v1/predict", headers, bodies[count % #bodies + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout, latency:percentile(50),
+    latency:percentile(99)))
+end
+"""
+
+
+def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
+    """wrk (C, epoll) as the load generator: a few percent of one core at these rates."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_SCRIPT)
+        script.flush()
+        env = {**os.environ, "IMAGEREC_BENCH_FILES": ";".join(str(p) for p in SAMPLES)}
+        command = ["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency)]
+        command += ["-d", f"{seconds:.0f}s", "--timeout", "60s", "-s", script.name, url]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    line = next(x for x in output.stdout.splitlines() if x.startswith("RESULT"))
+    requests_done, duration_us, errors, p50_us, p99_us = map(int, line.split()[1:])
+    return {
+        "concurrency": concurrency,
+        "requests": requests_done,
+        "errors": errors,
+        "throughput": requests_done / (duration_us / 1e6),
+        "p50_ms": p50_us / 1000,
+        "p99_ms": p99_us / 1000,
+    }
+
+
 def load(url: str, concurrency: int, requests_total: int) -> dict:
     """Run the client in its own process so it does not share the GIL with anything measured."""
+    if CLIENT["kind"] == "wrk":
+        return run_wrk(url, concurrency, CLIENT["seconds"])
     command = [sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)]
     output = subprocess.run(
         [*command, "--requests", str(requests_total)], capture_output=True, text=True, check=True
     )
     return json.loads(output.stdout)
+
+
+CLIENT = {"kind": "python", "seconds": 10.0}
 
 
 def naive_app(model_path: str):
@@ -249,6 +297,13 @@ def _version(package: str) -> str:
     return version(package)
 
 
+CLIENT_TEXT = {
+    "wrk": "wrk (one keep-alive connection per concurrent client, for --load-seconds per level)",
+    "python": "a separate Python process, one thread and one keep-alive http.client connection "
+    "per concurrent client",
+}
+
+
 def report(args, limits: dict, served: list[dict], naive: list[dict], rss: float) -> str:
     def table(rows: list[dict]) -> list[str]:
         lines = [
@@ -292,8 +347,7 @@ def report(args, limits: dict, served: list[dict], naive: list[dict], rss: float
             f"Model: {limits['name']} (version {limits['version']}, test-time augmentation "
             f"{limits['tta']}). Server: `imagerec serve --threads {args.threads}`, "
             f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms.",
-            "Client: a separate Python process, one thread and one keep-alive http.client "
-            "connection per concurrent client, raw image/jpeg bodies of the 80 CIFAR fixture "
+            f"Client: {CLIENT_TEXT[args.load]}, raw image/jpeg bodies of the 80 CIFAR fixture "
             "JPEGs (tests/fixtures/cifar_small), sharing the machine's cores with the server.",
             "",
             "## In process (the limit)",
@@ -326,11 +380,18 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000, help="per concurrency level")
     parser.add_argument("--naive-requests", type=int, default=300, help="per level, baseline")
     parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--threads", type=int, default=16, help="waitress threads")
+    parser.add_argument("--threads", type=int, default=64, help="waitress threads")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--seconds", type=float, default=10.0, help="per in-process figure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.md")
+    parser.add_argument(
+        "--load",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+        help="load generator: wrk (apt-get install wrk; the default when present) or python",
+    )
+    parser.add_argument("--load-seconds", type=float, default=10.0, help="per level, with wrk")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -343,6 +404,7 @@ def main() -> int:
         serve_naive(args.model, args.naive_server, args.threads)
         return 0
 
+    CLIENT.update(kind=args.load, seconds=args.load_seconds)
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"in-process figures ({args.seconds:.0f} s each)...", file=sys.stderr)
     limits = in_process(args.model, args.max_batch, args.seconds)

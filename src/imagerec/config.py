@@ -24,7 +24,7 @@ class Settings:
     model: Path = DEFAULT_MODEL
     host: str = "127.0.0.1"
     port: int = 8000
-    threads: int = 8
+    threads: int = 32  # waitress threads: requests in flight at once, so the micro-batch size limit
     max_body_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_batch: int = 64
