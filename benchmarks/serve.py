@@ -1,7 +1,7 @@
 """Serving benchmark: in-process limits, then HTTP throughput and latency of `imagerec serve`
 against a naive baseline (hug, model.predict per request, no batching), in one run.
 
-    python benchmarks/serve.py [--model models/cifar10] [--requests 2000] [--threads 16]
+    python benchmarks/serve.py [--model models/cifar10] [--requests 2000] [--threads 64]
 
 Writes benchmarks/results/serve.md with the command line, the machine and library versions.
 The load client is a separate process (`--client`): one thread and one keep-alive http.client
