@@ -229,8 +229,10 @@ def measure_server(command: list[str], url: str, levels: list[int], counts: dict
     return rows, rss
 
 
-def in_process(model: str, max_batch: int, seconds: float) -> dict:
-    """The limit: decode + classify in batches of max_batch; and single-image latency."""
+def in_process(model: str, max_batch: int, seconds: float, workers: int) -> dict:
+    """The limit: decode + classify in batches of max_batch from as many threads as the
+    server's batcher has workers (so both drive the model equally hard); and single-image
+    latency."""
     from imagerec.images import decode_image
     from imagerec.predictor import Predictor
 
@@ -241,11 +243,21 @@ def in_process(model: str, max_batch: int, seconds: float) -> dict:
     prepared = np.stack([predictor.prepare(decode_image(b)) for b in batch_bodies])
 
     def timed_loop(step, per_call: int) -> float:
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            step()
-            done += per_call
-        return done / (time.perf_counter() - started)
+        done = [0] * workers
+        deadline = time.perf_counter() + seconds
+
+        def run(index: int) -> None:
+            while time.perf_counter() < deadline:
+                step()
+                done[index] += per_call
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(done) / (time.perf_counter() - started)
 
     batched = timed_loop(
         lambda: predictor.classify([decode_image(b) for b in batch_bodies]), max_batch
@@ -346,14 +358,16 @@ def report(args, limits: dict, served: list[dict], naive: list[dict], rss: float
             "",
             f"Model: {limits['name']} (version {limits['version']}, test-time augmentation "
             f"{limits['tta']}). Server: `imagerec serve --threads {args.threads}`, "
-            f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms.",
+            f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, "
+            f"{args.batch_workers} batcher workers.",
             f"Client: {CLIENT_TEXT[args.load]}, raw image/jpeg bodies of the 80 CIFAR fixture "
             "JPEGs (tests/fixtures/cifar_small), sharing the machine's cores with the server.",
             "",
             "## In process (the limit)",
             "",
-            f"- decode + classify in batches of {args.max_batch}: {limit:.0f} images/s",
-            f"- forward pass alone, batches of {args.max_batch}: "
+            f"- decode + classify in batches of {args.max_batch}, {args.batch_workers} threads: "
+            f"{limit:.0f} images/s",
+            f"- forward pass alone, batches of {args.max_batch}, {args.batch_workers} threads: "
             f"{limits['forward_only']:.0f} images/s",
             f"- one image, decode + classify: p50 {limits['single_p50_ms']:.2f} ms, "
             f"p99 {limits['single_p99_ms']:.2f} ms",
@@ -383,6 +397,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=64, help="waitress threads")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-workers", type=int, default=2, help="micro-batcher threads")
     parser.add_argument("--seconds", type=float, default=10.0, help="per in-process figure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.md")
     parser.add_argument(
@@ -407,7 +422,7 @@ def main() -> int:
     CLIENT.update(kind=args.load, seconds=args.load_seconds)
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"in-process figures ({args.seconds:.0f} s each)...", file=sys.stderr)
-    limits = in_process(args.model, args.max_batch, args.seconds)
+    limits = in_process(args.model, args.max_batch, args.seconds, args.batch_workers)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -415,6 +430,7 @@ def main() -> int:
     serve += ["--port", str(port), "--threads", str(args.threads)]
     os.environ["IMAGEREC_MAX_BATCH"] = str(args.max_batch)
     os.environ["IMAGEREC_MAX_WAIT_MS"] = str(args.max_wait_ms)
+    os.environ["IMAGEREC_BATCH_WORKERS"] = str(args.batch_workers)
     print("imagerec serve...", file=sys.stderr)
     served, rss = measure_server(serve, url, levels, dict.fromkeys(levels, args.requests))
 

@@ -74,7 +74,7 @@ class GatedPredictor:
 
 def test_a_failing_request_does_not_fail_its_batch_mates(predictor):
     gated = GatedPredictor(predictor)
-    batcher = MicroBatcher(gated, max_batch=64, max_wait_ms=1)
+    batcher = MicroBatcher(gated, max_batch=64, max_wait_ms=1, workers=1)  # one gate to hold
     good = random_images(4, seed=3)
     poisoned = np.full((1, 32, 32, 3), 7, np.uint8)
     try:

@@ -29,6 +29,7 @@ class Settings:
     max_pixels: int = 40_000_000
     max_batch: int = 64
     max_wait_ms: float = 2.0
+    batch_workers: int = 2  # batches in flight: one is gathered while the other runs
     top_k: int = 3
     cache_dir: Path = field(default_factory=_default_cache)
 

@@ -31,7 +31,7 @@ class Prediction:
 
 
 class Predictor:
-    """Thread-safe batched inference over a verified bundle."""
+    """Batched inference over a verified bundle; safe to call from several threads at once."""
 
     def __init__(self, bundle: Bundle, max_batch: int = 64):
         import tensorflow as tf
@@ -57,7 +57,6 @@ class Predictor:
             return tf.cast(probs, tf.float32)
 
         self._forward = forward
-        self._lock = threading.Lock()  # one forward pass at a time: TF already uses every core
 
     @classmethod
     def from_path(cls, path, max_batch: int = 64) -> Predictor:
@@ -91,8 +90,7 @@ class Predictor:
             return np.zeros((0, len(self.labels)), np.float32)
         out = []
         for start in range(0, len(images), self.max_batch):
-            with self._lock:
-                out.append(self._forward(images[start : start + self.max_batch]).numpy())
+            out.append(self._forward(images[start : start + self.max_batch]).numpy())
         return np.concatenate(out)
 
     def top_k(self, probs: np.ndarray, k: int) -> list[Prediction]:
@@ -131,11 +129,12 @@ _STOP = object()
 class MicroBatcher:
     """Gathers the images of concurrent callers into one forward pass of a Predictor.
 
-    One worker thread takes a waiting job, adds every job already queued, and, if the previous
-    batch had more callers than it has now, waits up to `max_wait_ms` for them, never past
-    `max_batch` images. A lone caller is never kept waiting, so latency under no load is the
-    predictor's own. If a batch fails, its jobs are retried one by one so that only the job at
-    fault sees the error. Thread-safe; offers Predictor's `classify` and `predict_arrays`.
+    Each worker thread (`workers`, default 2) takes a waiting job, adds every job already
+    queued, and, if its previous batch had more callers than it has now, waits up to
+    `max_wait_ms` for them, never past `max_batch` images. A lone caller is never kept waiting,
+    so latency under no load is the predictor's own. If a batch fails, its jobs are retried one
+    by one so that only the job at fault sees the error. Thread-safe; offers Predictor's
+    `classify` and `predict_arrays`.
     """
 
     reports_batches = True
@@ -146,6 +145,7 @@ class MicroBatcher:
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
         on_batch: Callable[[int], None] | None = None,
+        workers: int = 2,
     ):
         self.predictor = predictor
         self.max_batch = max(1, max_batch)
@@ -153,8 +153,14 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="imagerec-batcher", daemon=True)
-        self._thread.start()
+        # Two workers keep the model busy: one gathers and dispatches the next batch (Python, under
+        # the GIL) while the other's forward pass runs, so the cores never wait between batches.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"imagerec-batcher-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def bundle(self) -> Bundle:
@@ -201,11 +207,13 @@ class MicroBatcher:
         return self.predictor.top_k(self.predict_arrays(batch), k)
 
     def close(self) -> None:
-        """Finish the queued jobs, then stop the worker thread."""
+        """Finish the queued jobs, then stop the worker threads."""
         if not self._closed:
             self._closed = True
-            self._queue.put(_STOP)
-            self._thread.join()
+            for _ in self._threads:
+                self._queue.put(_STOP)  # each worker takes exactly one and exits
+            for thread in self._threads:
+                thread.join()
 
     def _run(self) -> None:
         previous_jobs = 1

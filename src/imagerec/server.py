@@ -86,6 +86,7 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
             on_batch=metrics.observe_batch,
+            workers=settings.batch_workers,
         )
     except ImagerecError as exc:
         log.error("the model could not be loaded: %s", exc.message)
