@@ -234,8 +234,9 @@ def in_process(model: str, max_batch: int, seconds: float, workers: int) -> dict
     server's batcher has workers (so both drive the model equally hard); and single-image
     latency."""
     from imagerec.images import decode_image
-    from imagerec.predictor import Predictor
+    from imagerec.predictor import Predictor, share_cores
 
+    share_cores(workers)  # as the server does
     predictor = Predictor.from_path(model, max_batch=max_batch)
     predictor.warm_up()
     bodies = [p.read_bytes() for p in SAMPLES]

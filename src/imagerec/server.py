@@ -64,6 +64,7 @@ def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()
         max_request_body_size=settings.max_body_bytes,
         ident="imagerec",
         clear_untrusted_proxy_headers=True,
+        asyncore_use_poll=True,
     )
     listeners = (
         getattr(server, "map", {}).values() if not isinstance(server, BaseWSGIServer) else []
@@ -77,8 +78,9 @@ def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()
 def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics) -> None:
     """Load, warm up and put a micro-batched predictor into `slot` (run in a thread)."""
     try:
-        from imagerec.predictor import MicroBatcher, Predictor
+        from imagerec.predictor import MicroBatcher, Predictor, share_cores
 
+        share_cores(settings.batch_workers)
         predictor = Predictor.from_path(settings.model, max_batch=settings.max_batch)
         predictor.warm_up()
         batcher = MicroBatcher(
