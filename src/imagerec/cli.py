@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fraction held out for validation (default 0.1; 0 trains on all)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="weights, augmentation, shuffling")
+    train.add_argument(
+        "--split-seed", type=int, default=0, help="which images the validation split holds"
+    )
     train.add_argument(
         "--image-size",
         type=int,
@@ -124,7 +127,11 @@ def cmd_train(args) -> int:
         "image_size": args.image_size,
         "tta": args.tta,
     }
-    config = TrainConfig(seed=args.seed, **{k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig(
+        seed=args.seed,
+        split_seed=args.split_seed,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
     result = train(args.data, args.out, config, cache_dir=settings.cache_dir)
     metrics = result.metrics
     print(f"wrote {result.path}")
