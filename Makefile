@@ -29,8 +29,10 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+# DATA: 'cifar10' (downloads) or a folder such as the extracted shared JPEG images.
+DATA ?= cifar10
 train-cifar10: $(STAMP)
-	$(BIN)/python benchmarks/train_cifar10.py
+	$(BIN)/python benchmarks/train_cifar10.py --data $(DATA) --seeds 0 1 2 --compare-epochs 10 --final
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py

@@ -46,7 +46,7 @@ def as_sent(data, **_kwargs):
 
 
 def web_files() -> dict[str, bytes]:
-    """The page's files by name, read from the package (small, so read per request)."""
+    """The page's files by name, read from the package."""
     folder = resources.files("imagerec") / "web"
     return {
         item.name: item.read_bytes()
@@ -79,17 +79,20 @@ def send(request, response, data: bytes, content_type: str, etag: str) -> bytes:
     return data
 
 
-def send_web_file(request, response, name: str) -> bytes:
-    data = web_files().get(name)
-    if data is None:
-        raise NotFound(f"no static file named {name!r}")
-    etag = hashlib.sha256(data).hexdigest()[:20]
-    return send(request, response, data, STATIC_TYPES[Path(name).suffix], etag)
-
-
 def add_web_routes(api: hug.API) -> None:
     # Imported here: api.py imports this module for DEFAULT_ROUTES.
     from imagerec.api import invalid_parameters, serving
+
+    # Package files do not change while the server runs: read and digest them once.
+    files = {
+        name: (data, hashlib.sha256(data).hexdigest()[:20]) for name, data in web_files().items()
+    }
+
+    def send_web_file(request, response, name: str) -> bytes:
+        if name not in files:
+            raise NotFound(f"no static file named {name!r}")
+        data, etag = files[name]
+        return send(request, response, data, STATIC_TYPES[Path(name).suffix], etag)
 
     @hug.get("/", api=api, output=as_sent)
     def page(request, response):
