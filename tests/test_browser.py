@@ -100,11 +100,29 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
+def test_the_accuracy_shown_is_that_of_the_predictions_as_served(browser, server):
+    """With flip TTA in the bundle, the page gives the validation accuracy with flip TTA."""
+    context = browser.new_context(base_url=server)
+    page = context.new_page()
+
+    def with_metrics(route):
+        body = route.fetch().json()
+        body["preprocess"]["tta"] = "flip"
+        body["metrics"].update(val_accuracy=0.5, val_accuracy_tta=0.75)
+        route.fulfill(json=body)
+
+    page.route("**/v1/model", with_metrics)
+    page.goto("/")
+    expect(page.locator("#model-accuracy")).to_have_text(re.compile(r"^75[.,]0\s?%$"))
+    context.close()
+
+
 def test_the_page_names_its_model_and_links_the_model_card(page, card_bundle):
     expect(page.locator("#model-status")).to_have_text("Ready: 10 kinds of things.")
     expect(page.locator("#model-name")).to_have_text(card_bundle.name)
     expect(page.locator("#model-labels")).to_contain_text("airplane, automobile, bird")
     expect(page.locator("#model-accuracy")).to_have_text(re.compile(r"^\d+(\.\d)?%$"))
+
     for title, name in (("Confusion matrix", "confusion.png"), ("Training curves", "training.png")):
         link = page.get_by_role("link", name=title)
         expect(link).to_have_attribute("href", f"/v1/model/card/{name}")

@@ -199,7 +199,13 @@ async function loadModel() {
     return;
   }
   const labels = body.labels || [];
-  const accuracy = body.metrics && body.metrics.val_accuracy;
+  // Show the accuracy of the predictions as served: with flip TTA when the bundle uses it.
+  const metrics = body.metrics || {};
+  const flip = body.preprocess && body.preprocess.tta === "flip";
+  const accuracy =
+    flip && typeof metrics.val_accuracy_tta === "number"
+      ? metrics.val_accuracy_tta
+      : metrics.val_accuracy;
   $("model-name").textContent = body.name;
   $("model-version").textContent = body.version;
   $("model-accuracy").textContent =
