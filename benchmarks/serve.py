@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_description
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((ROOT / "tests" / "fixtures" / "cifar_small").glob("*/*.jpg"))
 
@@ -285,17 +287,8 @@ def machine() -> list[str]:
     import keras
     import tensorflow as tf
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
-        f"- CPU: {cpu}, {cores} cores available ({os.cpu_count()} in the machine)",
+        f"- CPU: {cpu_description()}",
         f"- {platform.platform()}, Python {platform.python_version()}",
         f"- TensorFlow {tf.__version__}, Keras {keras.__version__}, NumPy {np.__version__}, "
         f"OpenCV {cv2.__version__}",

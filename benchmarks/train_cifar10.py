@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_cifar10.md"
@@ -92,20 +93,6 @@ def run(args, out: Path, extra: list[str], label: str) -> dict:
     return {"label": label, "out": out, "metrics": metrics}
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except OSError:
-        extras = []
-    return f"{os.cpu_count()} cores, {cpu} ({', '.join(extras) or 'no AVX-512'})"
-
-
 def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> str:
     first = (runs or [final])[0]["metrics"]
     versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
@@ -114,7 +101,7 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
         "",
         f"Command: `python {shlex.join(['benchmarks/train_cifar10.py', *sys.argv[1:]])}`",
         "",
-        f"Machine: {machine()}; {platform.platform()}; {versions}.",
+        f"Machine: {cpu_description()}; {platform.platform()}; {versions}.",
         "",
         f"Recipe: `imagerec train` defaults ({first['arch']}, {first['epochs']} epochs, batch "
         f"{first['config']['batch_size']}, peak lr {first['config']['lr']}, label smoothing "
