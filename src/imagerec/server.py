@@ -65,7 +65,6 @@ def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()
         max_request_body_size=settings.max_body_bytes,
         ident="imagerec",
         clear_untrusted_proxy_headers=True,
-        asyncore_use_poll=True,
     )
     listeners = (
         getattr(server, "map", {}).values() if not isinstance(server, BaseWSGIServer) else []
