@@ -106,3 +106,18 @@ def test_wrong_shapes_are_refused_before_they_reach_a_batch(predictor):
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.predict_arrays(random_images(1))
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(predictor):
+    """The bundle's tta setting is honoured: "flip" is the mean over the image and its mirror."""
+    import dataclasses
+
+    images = random_images(6, seed=5)
+    model = predictor.bundle.model
+    plain = model(images.astype(np.float32), training=False).numpy()
+    mirrored = model(images[:, :, ::-1].astype(np.float32), training=False).numpy()
+    assert not np.allclose(plain, mirrored, atol=1e-4)  # the test can tell the two apart
+    for tta, expected in (("flip", (plain + mirrored) / 2), ("none", plain)):
+        preprocess = dataclasses.replace(predictor.bundle.preprocess, tta=tta)
+        bundle = dataclasses.replace(predictor.bundle, preprocess=preprocess)
+        np.testing.assert_allclose(Predictor(bundle).predict_arrays(images), expected, atol=1e-5)
