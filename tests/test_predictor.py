@@ -60,6 +60,7 @@ class GatedPredictor:
         self.inner = inner
         self.input_size = inner.input_size
         self.labels = inner.labels
+        self.as_batch = inner.as_batch
         self.release = threading.Event()
         self.calls: list[int] = []
 

@@ -100,11 +100,16 @@ class Predictor:
         """Resize a decoded RGB image to the model's input size."""
         return resize_image(image, self.input_size)
 
-    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities for (N, H, W, 3) uint8 RGB images at the input size."""
+    def as_batch(self, images: np.ndarray) -> np.ndarray:
+        """`images` as a contiguous (N, H, W, 3) uint8 array at the input size, or ValueError."""
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
             raise ValueError(f"expected (N, {self.input_size[0]}, {self.input_size[1]}, 3) uint8")
+        return images
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities for (N, H, W, 3) uint8 RGB images at the input size."""
+        images = self.as_batch(images)
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         out = []
@@ -203,10 +208,7 @@ class MicroBatcher:
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities for (N, H, W, 3) uint8 images, computed in a shared batch."""
-        images = np.ascontiguousarray(images, dtype=np.uint8)
-        height, width = self.predictor.input_size
-        if images.ndim != 4 or images.shape[1:] != (height, width, 3):
-            raise ValueError(f"expected (N, {height}, {width}, 3) uint8")
+        images = self.predictor.as_batch(images)  # checked here, so it cannot fail a batch
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         if self._closed:
