@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 from imagerec.models import build_model, mobilenet_v2, resnet_small, whitening_kernel
-from imagerec.train import WarmupLinearDecay, augment_batch, use_bfloat16
+from imagerec.train import (
+    TrainConfig,
+    WarmupLinearDecay,
+    alternating_flips,
+    augment_batch,
+    lookahead_decay,
+    lookahead_update,
+    nesterov_sgd,
+    sgd_rates,
+    use_bfloat16,
+)
 
 
 def _correlated_images(count: int, seed: int = 0) -> np.ndarray:
@@ -87,6 +97,63 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
     assert values == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, 0.0])
 
 
+def test_schedule_can_start_and_end_above_zero():
+    schedule = WarmupLinearDecay(peak=2.0, warmup_steps=10, total_steps=110, start=0.2, end=0.1)
+    values = [float(schedule(step)) for step in (0, 5, 10, 60, 110, 500)]
+    assert values == pytest.approx([0.4, 1.2, 2.0, 1.1, 0.2, 0.2])
+
+
+def test_sgd_rates_follow_airbench94s_decoupled_form():
+    # airbench94: lr 11.5 and weight decay 0.0153 per 1024 images, momentum 0.85, batch 1024
+    # give PyTorch rates 11.5 / 7850.67 per summed loss, i.e. 1.5 for the mean loss.
+    lr, decay = sgd_rates(TrainConfig(batch_size=1024, lr=11.5, weight_decay=0.0153))
+    assert lr == pytest.approx(11.5 * 1024 / (1024 * (1 + 1 / 0.15)))
+    assert lr == pytest.approx(1.5, abs=1e-3) and decay == pytest.approx(0.0153 * 0.1304, 1e-3)
+    half_lr, half_decay = sgd_rates(TrainConfig(batch_size=512, lr=11.5, weight_decay=0.0153))
+    assert (half_lr, half_decay) == pytest.approx((lr / 2, decay / 2))
+
+
+def test_sgd_gives_norm_biases_a_faster_rate_and_the_same_decay():
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(2, 1, use_bias=False, name="conv")(inputs)
+    outputs = keras.layers.BatchNormalization(scale=False, name="bn")(x)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("bn").beta.assign([1.0, -1.0])
+    optimizer = nesterov_sgd(0.1, peak_lr=0.1, decay=0.01, momentum=0.0, bias_lr_scale=64.0)
+    kernel, beta = (v.numpy().copy() for v in model.trainable_variables)
+    optimizer.apply([np.zeros_like(kernel), np.zeros_like(beta)], model.trainable_variables)
+    # No gradient: only the decay acts, the same fraction (decay) of every weight.
+    assert model.trainable_variables[0].numpy() == pytest.approx(kernel * 0.99)
+    assert model.trainable_variables[1].numpy() == pytest.approx(beta * 0.99)
+    optimizer.apply([np.ones_like(kernel), np.ones_like(beta)], model.trainable_variables)
+    moved = [
+        a - b for a, b in zip((kernel * 0.99, beta * 0.99), model.trainable_variables, strict=True)
+    ]
+    assert moved[0] == pytest.approx(0.1 * (1 + 0.1 * kernel * 0.99))
+    assert moved[1] == pytest.approx(6.4 * (1 + 0.01 / 6.4 * beta * 0.99))
+
+
+def test_lookahead_decay_grows_from_zero_to_its_base():
+    assert lookahead_decay(0, 100) == 0.0
+    assert lookahead_decay(50, 100) == pytest.approx(0.95**5 / 8)
+    assert lookahead_decay(100, 100) == pytest.approx(0.95**5)
+
+
+def test_lookahead_update_interpolates_every_weight():
+    slow = [np.zeros((2, 2)), np.array([4.0])]
+    fast = [np.ones((2, 2)), np.array([0.0])]
+    new = lookahead_update(slow, fast, decay=0.75)
+    assert np.allclose(new[0], 0.25) and np.allclose(new[1], 3.0)
+    assert np.allclose(lookahead_update(slow, fast, 0.0)[0], fast[0])
+
+
+def test_alternating_flips_mirror_each_image_once_every_two_epochs():
+    masks = [alternating_flips(1000, epoch, np.random.default_rng(3)) for epoch in range(4)]
+    assert 400 < masks[0].sum() < 600
+    assert np.array_equal(masks[1], ~masks[0]) and np.array_equal(masks[2], masks[0])
+    assert np.array_equal(masks[3], masks[1])
+
+
 def test_augment_batch_flips_and_translates_copies_of_each_image():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
@@ -107,6 +174,14 @@ def test_augment_batch_flips_and_translates_copies_of_each_image():
         moved += any(key[1:] != (2, 2) for key in matches)
     assert 10 < flipped < 54 and moved > 32  # both augmentations actually happen
     assert np.array_equal(augment_batch(images, np.random.default_rng(1), 2), out)
+
+
+def test_augment_batch_flips_where_the_mask_says():
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    mask = np.array([True, False, True, False, False, True])
+    out = augment_batch(images, np.random.default_rng(1), translate=0, flip=mask)
+    assert np.array_equal(out[mask], images[mask][:, :, ::-1])
+    assert np.array_equal(out[~mask], images[~mask])
 
 
 def test_bfloat16_choice_follows_the_request():

@@ -183,3 +183,19 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert 1 <= metrics["resumed_at_epoch"] < 12
     assert len(metrics["epoch_times_s"]) == 12, "every epoch is in the history exactly once"
     assert not (tmp_path / ".resumable.backup").exists()
+
+
+def test_without_a_validation_split_the_fit_on_training_images_is_recorded_as_such(
+    tmp_path, capsys
+):
+    out = tmp_path / "all-images"
+    args = ["--epochs", "1", "--batch-size", "16", "--val-split", "0"]
+    assert main(["train", "--data", str(DATA), "--out", str(out), *args]) == 0
+    assert "no validation split; on 80 of the training images" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_accuracy"] is None and metrics["val_count"] == 0
+    assert metrics["data"]["train_count"] == 80 and metrics["train_eval_count"] == 80
+    assert 0 <= metrics["train_accuracy"] <= 1 and 0 <= metrics["train_accuracy_tta"] <= 1
+    assert sum(map(sum, metrics["confusion_matrix"])) == 80
+    assert (out / "confusion.png").read_bytes().startswith(b"\x89PNG")
+    verify_bundle(out)

@@ -140,6 +140,11 @@ def cmd_train(args) -> int:
             f"validation accuracy {metrics['val_accuracy']:.4f} "
             f"({metrics['val_accuracy_tta']:.4f} with flip TTA) on {metrics['val_count']} images"
         )
+    elif metrics.get("train_accuracy") is not None:
+        print(
+            f"no validation split; on {metrics['train_eval_count']} of the training images: "
+            f"{metrics['train_accuracy']:.4f} ({metrics['train_accuracy_tta']:.4f} with flip TTA)"
+        )
     print(f"{metrics['epochs']} epochs in {metrics['wall_time_s']:.0f} s")
     return 0
 
