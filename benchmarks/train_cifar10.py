@@ -71,6 +71,7 @@ def main() -> int:
 
 def run(args, out: Path, extra: list[str], label: str) -> dict:
     metrics_path = out / "metrics.json"
+    command_s = None  # the whole command, data loading and evaluation included
     if metrics_path.exists() and not args.fresh and out != args.final_out:
         print(f"reusing {out}", flush=True)
     else:
@@ -88,9 +89,10 @@ def run(args, out: Path, extra: list[str], label: str) -> dict:
         print("$", shlex.join(command), flush=True)
         started = time.perf_counter()
         subprocess.run(command, check=True)
-        print(f"{label}: {time.perf_counter() - started:.0f} s", flush=True)
+        command_s = time.perf_counter() - started
+        print(f"{label}: {command_s:.0f} s", flush=True)
     metrics = json.loads(metrics_path.read_text())
-    return {"label": label, "out": out, "metrics": metrics}
+    return {"label": label, "out": out, "metrics": metrics, "command_s": command_s}
 
 
 def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> str:
@@ -103,10 +105,8 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
         "",
         f"Machine: {cpu_description()}; {platform.platform()}; {versions}.",
         "",
-        f"Recipe: `imagerec train` defaults ({first['arch']}, {first['epochs']} epochs, batch "
-        f"{first['config']['batch_size']}, peak lr {first['config']['lr']}, label smoothing "
-        f"{first['config']['label_smoothing']}, flip + {first['config']['translate']}-pixel "
-        "translate augmentation). Data: the shared JPEG (q75) CIFAR-10 training images.",
+        f"Recipe: `imagerec train` defaults ({recipe(first)}). Data: the shared JPEG (q75) "
+        "CIFAR-10 training images.",
         "",
     ]
     if runs:
@@ -152,37 +152,55 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
         lines += [
             "## Final run on all 50,000 images",
             "",
-            f"Wall time {m['wall_time_s']:.0f} s for {m['epochs']} epochs "
-            f"(epochs: {', '.join(f'{t:.0f}' for t in m['epoch_times_s'])} s); "
-            f"written to `{shown}`.",
+            f"Seed 0, nothing held out, written to `{shown}`. Training {m['wall_time_s']:.0f} s "
+            f"for {m['epochs']} epochs (epochs: "
+            f"{', '.join(f'{t:.0f}' for t in m['epoch_times_s'])} s); the whole command, "
+            f"loading the images and writing the bundle included: {final_minutes(final):.1f} min.",
+            "",
+            f"On {m['train_eval_count']} of its own training images it scores "
+            f"{m['train_accuracy']:.4f} ({m['train_accuracy_tta']:.4f} with flip TTA): how "
+            "well it fits what it saw, not an accuracy estimate; its confusion.png shows the "
+            "same images. The estimate is the 3-seed validation mean above.",
             "",
         ]
-    lines += tta_cost(
-        args.final_out
-    )  # the bundled model: throughput depends only on the architecture
-    all_runs = runs + compared
-    best = max(all_runs, key=lambda e: e["metrics"]["val_accuracy_tta"]) if all_runs else None
-    fastest = min(
-        t for e in all_runs + ([final] if final else []) for t in e["metrics"]["epoch_times_s"]
-    )
+    lines += tta_cost(args.final_out, runs + compared)
+    seeds = [entry["metrics"]["val_accuracy_tta"] for entry in runs]
     lines += ["## Against the targets", ""]
-    if best:
-        m = best["metrics"]
+    if seeds:
+        mean = statistics.mean(seeds)
+        verdict = "met" if mean >= 0.94 and len(seeds) >= 3 else "not met"
         lines.append(
-            f"- Validation accuracy target 94.0% (mean of 3 seeds): not reached. Best: "
-            f"{m['val_accuracy_tta']:.2%} with flip TTA ({best['label']}, {m['epochs']} epochs)."
+            f"- Validation accuracy at least 94.0% (mean of 3 seeds): {verdict}; mean with flip "
+            f"TTA {mean:.2%} over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}."
         )
-    lines.append(
-        f"- Wall time target 40 minutes: the fastest epoch took {fastest:.0f} s; the runs above "
-        "shared the two cores with other work, so their wall times are upper bounds."
-    )
-    if not final:
+    if final:
+        minutes = final_minutes(final)
+        verdict = "met" if minutes <= 40 else "not met"
+        lines.append(f"- Final run at most 40 minutes: {verdict} ({minutes:.1f} min).")
+    else:
         lines.append("- No final run on all 50,000 images in this command (add --final).")
     return "\n".join(lines) + "\n"
 
 
-def tta_cost(bundle_path: Path) -> list[str]:
-    """Inference throughput of the same bundle with and without flip test-time augmentation."""
+def final_minutes(final: dict) -> float:
+    seconds = final["command_s"] or final["metrics"]["wall_time_s"]
+    return seconds / 60
+
+
+def recipe(metrics: dict) -> str:
+    c = metrics["config"]
+    return (
+        f"{metrics['arch']}, {metrics['epochs']} epochs, batch {c['batch_size']}, Nesterov "
+        f"momentum {c['momentum']}, lr {c['lr']} and weight decay {c['weight_decay']} per 1024 "
+        f"images (airbench94's form), norm-bias lr x{c['bias_lr_scale']:g}, "
+        f"lookahead {'on' if c['lookahead'] else 'off'}, label smoothing "
+        f"{c['label_smoothing']}, alternating flip + {c['translate']}-pixel translate"
+    )
+
+
+def tta_cost(bundle_path: Path, runs: list[dict]) -> list[str]:
+    """Inference throughput of the same bundle with and without flip test-time augmentation,
+    beside the accuracy it adds in the validated runs."""
     import dataclasses
 
     import numpy as np
@@ -204,13 +222,19 @@ def tta_cost(bundle_path: Path) -> list[str]:
             predictor.predict_arrays(images)
             done += len(images)
         rates[mode] = done / (time.perf_counter() - started)
+    gains = [e["metrics"]["val_accuracy_tta"] - e["metrics"]["val_accuracy"] for e in runs]
+    gain = (
+        f"In the validated runs above it adds {statistics.mean(gains) * 100:+.2f} points on "
+        f"average (from {min(gains) * 100:+.2f} to {max(gains) * 100:+.2f})."
+        if gains
+        else ""
+    )
     return [
         "## Test-time augmentation: accuracy against throughput",
         "",
         f"Flip TTA (mirror and average) runs the model twice: {rates['none']:.0f} images/s "
         f"without it, {rates['flip']:.0f} with it (batches of 64, in process, this machine). "
-        "It adds about one point of validation accuracy in every run above, so the bundle "
-        "keeps it on (`tta` in preprocess.json).",
+        f"{gain}",
         "",
     ]
 

@@ -117,6 +117,21 @@ def test_the_accuracy_shown_is_that_of_the_predictions_as_served(browser, server
     context.close()
 
 
+def test_a_model_trained_on_every_image_says_that_nothing_was_held_out(browser, server):
+    context = browser.new_context(base_url=server)
+    page = context.new_page()
+
+    def without_validation(route):
+        body = route.fetch().json()
+        body["metrics"].update(val_accuracy=None, val_accuracy_tta=None, val_count=0)
+        route.fulfill(json=body)
+
+    page.route("**/v1/model", without_validation)
+    page.goto("/")
+    expect(page.locator("#model-accuracy")).to_have_text("none held out (trained on every image)")
+    context.close()
+
+
 def test_the_page_names_its_model_and_links_the_model_card(page, card_bundle):
     expect(page.locator("#model-status")).to_have_text("Ready: 10 kinds of things.")
     expect(page.locator("#model-name")).to_have_text(card_bundle.name)

@@ -208,8 +208,9 @@ async function loadModel() {
       : metrics.val_accuracy;
   $("model-name").textContent = body.name;
   $("model-version").textContent = body.version;
-  $("model-accuracy").textContent =
-    typeof accuracy === "number" ? percent.format(accuracy) : "not recorded";
+  // A final run trains on every image: there is nothing held out to score it on.
+  const heldOut = metrics.val_count === 0 ? "none held out (trained on every image)" : "not recorded";
+  $("model-accuracy").textContent = typeof accuracy === "number" ? percent.format(accuracy) : heldOut;
   const shown = labels.slice(0, 40).join(", ");
   $("model-labels").textContent =
     labels.length > 40 ? `${shown} and ${labels.length - 40} more` : shown;
