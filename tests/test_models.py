@@ -176,6 +176,19 @@ def test_augment_batch_flips_and_translates_copies_of_each_image():
     assert np.array_equal(augment_batch(images, np.random.default_rng(1), 2), out)
 
 
+def test_cutout_sets_one_square_per_image_to_the_fill_colour():
+    images = np.full((50, 8, 8, 3), 200, np.uint8)
+    fill = np.array([1, 2, 3], np.uint8)
+    out = augment_batch(images, np.random.default_rng(0), 0, np.zeros(50, bool), 3, fill)
+    for image in out:
+        filled = np.all(image == fill, axis=-1)
+        ys, xs = np.nonzero(filled)
+        assert filled.sum() == 9 and np.ptp(ys) == 2 and np.ptp(xs) == 2  # one 3x3 square
+        assert np.all(image[~filled] == 200)
+    corners = {(int(np.argmax(np.all(i == fill, -1).any(1))), 0) for i in out}
+    assert len(corners) > 1, "the square moves"
+
+
 def test_augment_batch_flips_where_the_mask_says():
     images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     mask = np.array([True, False, True, False, False, True])

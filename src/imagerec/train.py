@@ -47,6 +47,7 @@ class TrainConfig:
     lookahead: bool = True  # airbench94's lookahead: average the weights over the last part
     label_smoothing: float = 0.2  # airbench94 and Page's later versions
     translate: int = 2  # pixels of random translation with reflection padding (airbench94)
+    cutout: int = 0  # side of a random square set to the mean colour (airbench96); 0: off
     precision: str = "auto"  # "auto": bfloat16 compute where the CPU has it (AMX/AVX512-BF16)
 
     def resolved_image_size(self) -> tuple[int, int]:
@@ -260,17 +261,19 @@ def augment_batch(
     rng: np.random.Generator,
     translate: int,
     flip: np.ndarray | None = None,
+    cutout: int = 0,
+    fill: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Horizontal flip (random, or where the `flip` mask says) and random translation with
-    reflection padding, of uint8 images."""
+    """Horizontal flip (random, or where the `flip` mask says), random translation with
+    reflection padding and, with `cutout`, a random square set to `fill`, of uint8 images."""
     if flip is None:
         flip = rng.random(len(images)) < 0.5
     out = images.copy()
     out[flip] = out[flip, :, ::-1]
+    height, width = images.shape[1:3]
     if translate:
         t = translate
         padded = np.pad(out, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
-        height, width = images.shape[1:3]
         dy = rng.integers(0, 2 * t + 1, len(images))
         dx = rng.integers(0, 2 * t + 1, len(images))
         for oy in range(2 * t + 1):  # one vectorised slice per offset, not per image
@@ -278,6 +281,13 @@ def augment_batch(
                 pick = (dy == oy) & (dx == ox)
                 if pick.any():
                     out[pick] = padded[pick, oy : oy + height, ox : ox + width]
+    if cutout:
+        top = rng.integers(0, height - cutout + 1, len(images))[:, None]
+        left = rng.integers(0, width - cutout + 1, len(images))[:, None]
+        rows = (np.arange(height) >= top) & (np.arange(height) < top + cutout)
+        cols = (np.arange(width) >= left) & (np.arange(width) < left + cutout)
+        square = rows[:, :, None] & cols[:, None, :]
+        out[square] = 0 if fill is None else fill
     return out
 
 
@@ -291,6 +301,8 @@ def alternating_flips(count: int, epoch: int, rng: np.random.Generator) -> np.nd
 def _batches(x: np.ndarray, y: np.ndarray, config: TrainConfig, num_classes: int):
     """A Keras PyDataset of augmented, shuffled batches; augmentation stays on uint8 arrays."""
     import keras
+
+    fill = np.round(x[:5000].reshape(-1, x.shape[-1]).mean(axis=0)).astype(np.uint8)
 
     class AugmentedBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -309,7 +321,9 @@ def _batches(x: np.ndarray, y: np.ndarray, config: TrainConfig, num_classes: int
 
         def __getitem__(self, index):
             pick = np.sort(self.order[index * config.batch_size : (index + 1) * config.batch_size])
-            images = augment_batch(x[pick], self.rng, config.translate, self.flips[pick])
+            images = augment_batch(
+                x[pick], self.rng, config.translate, self.flips[pick], config.cutout, fill
+            )
             return images.astype(np.float32), self.eye[y[pick]]
 
         def on_epoch_end(self):
