@@ -21,8 +21,14 @@ def test_the_bundled_model_is_the_default_and_verifies():
     assert DEFAULT_MODEL == BUNDLED
     verify_bundle(BUNDLED)
     assert sum(p.stat().st_size for p in BUNDLED.iterdir()) < 10 * 1024 * 1024
+    manifest = (BUNDLED / "MANIFEST.sha256").read_text()
+    for name in ("model.keras", "metrics.json", "training.png", "confusion.png"):
+        assert f"  {name}\n" in manifest, name
     metrics = json.loads((BUNDLED / "metrics.json").read_text())
-    assert metrics["val_count"] > 0 and 0.1 < metrics["val_accuracy"] <= 1.0
+    # The final run: every one of the 50,000 shared images, none held out (the recipe's
+    # validation figures are in benchmarks/results/train_cifar10.md).
+    assert metrics["data"]["train_count"] == 50_000 and metrics["val_count"] == 0
+    assert metrics["config"]["tta"] == "flip" and 0.5 < metrics["train_accuracy_tta"] <= 1.0
 
 
 def test_the_bundled_model_recognises_the_sample_images():
@@ -34,8 +40,9 @@ def test_the_bundled_model_recognises_the_sample_images():
     truth = [p.stem for p in SAMPLES]
     assert len(truth) == 10 and set(truth) == set(CIFAR10)
     top1 = sum(pred.label == label for pred, label in zip(predictions, truth, strict=True))
-    # The samples were picked by file index before the model was trained, not for its answers;
-    # a model at ~90% validation accuracy may miss one, but never the top three.
+    # The samples were picked by file index, not for the model's answers. They are among the
+    # shared training images, which the bundled model was trained on: this checks loading,
+    # preprocessing and labels end to end, not accuracy (that is the benchmark's job).
     assert top1 >= 8, [(label, pred.top_k) for pred, label in zip(predictions, truth, strict=True)]
     for pred, label in zip(predictions, truth, strict=True):
         assert label in [name for name, _ in pred.top_k], (label, pred.top_k)
