@@ -112,7 +112,8 @@ def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
         script.write(WRK_SCRIPT)
         script.flush()
         env = {**os.environ, "IMAGEREC_BENCH_FILES": ";".join(str(p) for p in SAMPLES)}
-        command = ["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency)]
+        threads = min(CLIENT["wrk_threads"], concurrency)
+        command = ["wrk", "-t", str(threads), "-c", str(concurrency)]
         command += ["-d", f"{seconds:.0f}s", "--timeout", "60s", "-s", script.name, url]
         output = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     line = next(x for x in output.stdout.splitlines() if x.startswith("RESULT"))
@@ -138,7 +139,7 @@ def load(url: str, concurrency: int, requests_total: int) -> dict:
     return json.loads(output.stdout)
 
 
-CLIENT = {"kind": "python", "seconds": 10.0}
+CLIENT = {"kind": "python", "seconds": 10.0, "wrk_threads": 1}
 
 
 def naive_app(model_path: str):
@@ -304,7 +305,8 @@ def _version(package: str) -> str:
 
 
 CLIENT_TEXT = {
-    "wrk": "wrk (one keep-alive connection per concurrent client, for --load-seconds per level)",
+    "wrk": "wrk (one thread unless --wrk-threads; one keep-alive connection per concurrent "
+    "client, for --load-seconds per level)",
     "python": "a separate Python process, one thread and one keep-alive http.client connection "
     "per concurrent client",
 }
@@ -401,6 +403,9 @@ def main() -> int:
         help="load generator: wrk (apt-get install wrk; the default when present) or python",
     )
     parser.add_argument("--load-seconds", type=float, default=10.0, help="per level, with wrk")
+    parser.add_argument(
+        "--wrk-threads", type=int, default=1, help="one epoll thread drives 64 connections"
+    )
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -413,7 +418,7 @@ def main() -> int:
         serve_naive(args.model, args.naive_server, args.threads)
         return 0
 
-    CLIENT.update(kind=args.load, seconds=args.load_seconds)
+    CLIENT.update(kind=args.load, seconds=args.load_seconds, wrk_threads=args.wrk_threads)
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"in-process figures ({args.seconds:.0f} s each)...", file=sys.stderr)
     limits = in_process(args.model, args.max_batch, args.seconds, args.batch_workers)
