@@ -209,7 +209,7 @@ async function loadModel() {
   $("model-name").textContent = body.name;
   $("model-version").textContent = body.version;
   // A final run trains on every image: there is nothing held out to score it on.
-  const heldOut = metrics.val_count === 0 ? "none held out (trained on every image)" : "not recorded";
+  const heldOut = metrics.val_count === 0 ? "none held out" : "not recorded";
   $("model-accuracy").textContent = typeof accuracy === "number" ? percent.format(accuracy) : heldOut;
   const shown = labels.slice(0, 40).join(", ");
   $("model-labels").textContent =
