@@ -55,18 +55,24 @@ def sniff_format(data: bytes) -> str:
 
 def image_size(data: bytes, fmt: str) -> tuple[int, int]:
     """(width, height) from the header alone, without decoding pixels."""
+    width, height, _ = _header(data, fmt)
+    return width, height
+
+
+def _header(data: bytes, fmt: str) -> tuple[int, int, int]:
+    """(width, height, offset where the pixel data starts; 0 outside JPEG) from the header."""
     try:
+        if fmt == "jpeg":
+            return _jpeg_layout(data)
         if fmt == "png":
-            return struct.unpack(">II", data[16:24])
+            return (*struct.unpack(">II", data[16:24]), 0)
         if fmt == "bmp":
             (header_size,) = struct.unpack("<I", data[14:18])
             if header_size == 12:  # OS/2 BITMAPCOREHEADER
-                return struct.unpack("<HH", data[18:22])
+                return (*struct.unpack("<HH", data[18:22]), 0)
             width, height = struct.unpack("<ii", data[18:26])
-            return abs(width), abs(height)
-        if fmt == "webp":
-            return _webp_size(data)
-        return _jpeg_size(data)
+            return abs(width), abs(height), 0
+        return (*_webp_size(data), 0)
     except struct.error:
         raise InvalidImage(f"the {fmt.upper()} header is truncated") from None
 
@@ -84,11 +90,6 @@ def _webp_size(data: bytes) -> tuple[int, int]:
         width, height = struct.unpack("<HH", data[26:30])
         return width & 0x3FFF, height & 0x3FFF
     raise InvalidImage("unknown WebP chunk layout")
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    width, height, _ = _jpeg_layout(data)
-    return width, height
 
 
 def _jpeg_layout(data: bytes) -> tuple[int, int, int]:
@@ -119,11 +120,13 @@ def _jpeg_layout(data: bytes) -> tuple[int, int, int]:
     raise InvalidImage("truncated JPEG: no image data after the header", code="truncated_image")
 
 
-def _check_complete(data: bytes, fmt: str) -> None:
-    """Reject truncated files that a decoder would otherwise half-decode without complaint."""
+def _check_complete(data: bytes, fmt: str, scan: int) -> None:
+    """Reject truncated files that a decoder would otherwise half-decode without complaint.
+
+    `scan` is where a JPEG's entropy-coded data starts (from `_header`)."""
     # Entropy-coded data never holds FF D9 (FF is stuffed), so the first one after the scan
     # starts is the end of the image; bytes after it (phone trailers) are allowed.
-    if fmt == "jpeg" and data.find(b"\xff\xd9", _jpeg_layout(data)[2]) < 0:
+    if fmt == "jpeg" and data.find(b"\xff\xd9", scan) < 0:
         raise InvalidImage(
             "truncated JPEG: the end-of-image marker is missing", code="truncated_image"
         )
@@ -145,7 +148,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """
     data = bytes(data)
     fmt = sniff_format(data)
-    width, height = image_size(data, fmt)
+    width, height, scan = _header(data, fmt)
     if width <= 0 or height <= 0:
         raise InvalidImage(f"the image header gives an empty size {width}x{height}")
     if width * height > max_pixels:
@@ -154,7 +157,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             f"the limit is {max_pixels:,}",
             code="too_many_pixels",
         )
-    _check_complete(data, fmt)
+    _check_complete(data, fmt, scan)
     buffer = np.frombuffer(data, dtype=np.uint8)
     # JPEG never carries alpha; IMREAD_COLOR applies its EXIF orientation. The others keep
     # alpha and 16-bit depth so that both can be handled below.
