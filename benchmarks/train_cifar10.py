@@ -7,7 +7,9 @@ include start-up, data loading and saving. Seed runs hold out the stratified 45,
 (seed 0) and report validation accuracy with and without flip test-time augmentation; --final
 then trains on all 50,000 images into models/cifar10 with the same recipe and no further tuning.
 Runs whose metrics.json already exists in --work are reused unless --fresh is given, so the
-report can be rebuilt from runs made earlier.
+report can be rebuilt from runs made earlier. The final bundle is reused only when --work
+recorded the command that wrote it (its manifest version and wall time); otherwise it is
+trained again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from imagerec.bundle import BundleError, verify_bundle
 from machine import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +74,16 @@ def main() -> int:
 
 def run(args, out: Path, extra: list[str], label: str) -> dict:
     metrics_path = out / "metrics.json"
-    command_s = None  # the whole command, data loading and evaluation included
-    if metrics_path.exists() and not args.fresh and out != args.final_out:
+    record_path = args.work / "commands.json"  # {run folder: {"command_s", "version"}}
+    records = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record = records.get(str(out.resolve()))
+    # The whole command, data loading and evaluation included, when this script timed it.
+    command_s = record["command_s"] if record else None
+    if out == args.final_out:  # in git: reusable only if this script wrote this very bundle
+        reuse = record is not None and record["version"] == _version(out)
+    else:
+        reuse = metrics_path.exists()
+    if reuse and not args.fresh:
         print(f"reusing {out}", flush=True)
     else:
         command = [
@@ -91,8 +102,18 @@ def run(args, out: Path, extra: list[str], label: str) -> dict:
         subprocess.run(command, check=True)
         command_s = time.perf_counter() - started
         print(f"{label}: {command_s:.0f} s", flush=True)
+        records[str(out.resolve())] = {"command_s": command_s, "version": _version(out)}
+        args.work.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(records, indent=1))
     metrics = json.loads(metrics_path.read_text())
     return {"label": label, "out": out, "metrics": metrics, "command_s": command_s}
+
+
+def _version(bundle: Path) -> str | None:
+    try:
+        return verify_bundle(bundle)
+    except BundleError:  # missing or altered: not the bundle a record speaks of
+        return None
 
 
 def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> str:
