@@ -32,6 +32,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
 # JPEG start-of-frame markers: every SOFn except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_JPEG_FLAGS = cv2.IMREAD_COLOR if _JPEG_RGB is None else _JPEG_RGB
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -159,15 +161,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         )
     _check_complete(data, fmt, scan)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    # JPEG never carries alpha; IMREAD_COLOR applies its EXIF orientation. The others keep
-    # alpha and 16-bit depth so that both can be handled below.
-    flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    # JPEG never carries alpha: decoded straight to RGB where OpenCV can (4.11+), EXIF
+    # orientation applied. The others keep alpha and 16-bit depth so that both can be handled
+    # below.
+    flags = _JPEG_FLAGS if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
     try:
         image = cv2.imdecode(buffer, flags)
     except cv2.error as exc:
         raise InvalidImage(f"the {fmt.upper()} image could not be decoded: {exc.err}") from None
     if image is None:
         raise InvalidImage(f"the {fmt.upper()} image is corrupt and could not be decoded")
+    if flags == _JPEG_RGB:
+        return image
     return _to_rgb8(image)
 
 
