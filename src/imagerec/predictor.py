@@ -131,18 +131,26 @@ class Predictor:
         """Decoded RGB images of any size to their top-k predictions."""
         if not images:
             return []
-        batch = np.stack([self.prepare(image) for image in images])
-        return self.top_k(self.predict_arrays(batch), k)
+        return self.top_k(self.predict_arrays(self.stack(images)), k)
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        """Decoded images resized into one (N, H, W, 3) batch; one image is not copied."""
+        prepared = [self.prepare(image) for image in images]
+        return prepared[0][None] if len(prepared) == 1 else np.stack(prepared)
 
 
 class _Job:
-    """One caller's images waiting for the batcher, and the slot its answer comes back in."""
+    """One caller's images waiting for the batcher, and the slot its answer comes back in.
+
+    The caller blocks on `done`, a lock taken at creation that the batcher releases once: one
+    wake-up per answer, fewer than an Event's condition variable costs."""
 
     __slots__ = ("images", "done", "result", "error")
 
     def __init__(self, images: np.ndarray):
         self.images = images
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.result: np.ndarray | None = None
         self.error: BaseException | None = None
 
@@ -215,7 +223,7 @@ class MicroBatcher:
             raise RuntimeError("the batcher is closed")
         job = _Job(images)
         self._queue.put(job)
-        job.done.wait()
+        job.done.acquire()
         if job.error is not None:
             raise job.error
         return job.result
@@ -224,8 +232,7 @@ class MicroBatcher:
         """Decoded RGB images of any size to their top-k predictions (as Predictor.classify)."""
         if not images:
             return []
-        batch = np.stack([self.predictor.prepare(image) for image in images])
-        return self.predictor.top_k(self.predict_arrays(batch), k)
+        return self.predictor.top_k(self.predict_arrays(self.predictor.stack(images)), k)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the worker threads."""
@@ -284,7 +291,7 @@ class MicroBatcher:
         except BaseException as exc:  # handed to the callers, never lost
             if len(jobs) == 1:
                 jobs[0].error = exc
-                jobs[0].done.set()
+                jobs[0].done.release()
                 return
             for job in jobs:  # isolate the job at fault
                 self._execute([job])
@@ -298,4 +305,4 @@ class MicroBatcher:
         for job in jobs:
             job.result = probs[start : start + len(job.images)]
             start += len(job.images)
-            job.done.set()
+            job.done.release()
