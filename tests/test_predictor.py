@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from imagerec.predictor import MicroBatcher, Predictor
+from imagerec.predictor import MicroBatcher, Predictor, confine_python_threads
 from tiny_bundle import make_tiny_bundle
 
 
@@ -122,3 +123,30 @@ def test_flip_tta_averages_the_image_and_its_mirror(predictor):
         preprocess = dataclasses.replace(predictor.bundle.preprocess, tta=tta)
         bundle = dataclasses.replace(predictor.bundle, preprocess=preprocess)
         np.testing.assert_allclose(Predictor(bundle).predict_arrays(images), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="thread placement needs Linux and at least two CPUs",
+)
+def test_confine_python_threads_pins_every_python_thread_and_zero_leaves_them():
+    release = threading.Event()
+    helper = threading.Thread(target=release.wait, name="helper")
+    helper.start()
+    threads = [t for t in threading.enumerate() if t.native_id is not None]
+    before = {t.native_id: os.sched_getaffinity(t.native_id) for t in threads}
+    try:
+        assert confine_python_threads(0) is None
+        assert all(os.sched_getaffinity(tid) == cpus for tid, cpus in before.items())
+        # asking for as many CPUs as the process has is no change either
+        assert confine_python_threads(len(os.sched_getaffinity(0))) is None
+        assert all(os.sched_getaffinity(tid) == cpus for tid, cpus in before.items())
+        lowest = min(os.sched_getaffinity(0))
+        assert confine_python_threads(1) == {lowest}
+        assert os.sched_getaffinity(helper.native_id) == {lowest}
+        assert os.sched_getaffinity(threading.get_native_id()) == {lowest}
+    finally:
+        for tid, cpus in before.items():
+            os.sched_setaffinity(tid, cpus)
+        release.set()
+        helper.join()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import signal
 import subprocess
@@ -194,6 +195,31 @@ def test_a_body_over_the_limit_is_refused_in_the_shape_of_its_protocol(server):
         answer = requests.post(url + path, data=body, timeout=30)
         assert answer.status_code == 413, path
         assert isinstance(answer.json()["error"], str) and "body" in answer.json()["error"]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="thread placement needs Linux and at least two CPUs",
+)
+def test_python_threads_share_one_cpu_and_the_model_keeps_them_all(server):
+    url, process, log_path = server
+    sample = next(p for p in SAMPLES if p.suffix == ".jpg")
+    answer = requests.post(
+        f"{url}/v1/predict", data=sample.read_bytes(), headers={"Content-Type": "image/jpeg"}
+    )
+    assert answer.status_code == 200
+    every = os.sched_getaffinity(process.pid) | os.sched_getaffinity(0)
+    placement = {}
+    for task in Path(f"/proc/{process.pid}/task").iterdir():
+        comm = (task / "comm").read_text().strip()
+        placement.setdefault(comm.startswith("tf_"), []).append(
+            os.sched_getaffinity(int(task.name))
+        )
+    model_threads, others = placement[True], placement[False]
+    assert model_threads and all(cpus == every for cpus in model_threads)
+    # the main loop and the 8 request threads at least, all on the lowest CPU
+    assert sum(cpus == {min(every)} for cpus in others) >= 9
+    assert f"Python threads on CPU [{min(every)}]" in log_path.read_text()
 
 
 def test_sigterm_stops_the_server_cleanly(server):

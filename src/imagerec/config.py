@@ -30,6 +30,7 @@ class Settings:
     max_batch: int = 64
     max_wait_ms: float = 2.0
     batch_workers: int = 2  # batches in flight: one is gathered while the other runs
+    http_cores: int = 1  # CPUs the Python threads share (0: no limit); the model keeps them all
     top_k: int = 3
     cache_dir: Path = field(default_factory=_default_cache)
 

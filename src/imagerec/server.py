@@ -78,7 +78,12 @@ def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()
 def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics) -> None:
     """Load, warm up and put a micro-batched predictor into `slot` (run in a thread)."""
     try:
-        from imagerec.predictor import MicroBatcher, Predictor, share_cores
+        from imagerec.predictor import (
+            MicroBatcher,
+            Predictor,
+            confine_python_threads,
+            share_cores,
+        )
 
         share_cores(settings.batch_workers)
         predictor = Predictor.from_path(settings.model, max_batch=settings.max_batch)
@@ -93,6 +98,7 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
             on_batch=metrics.observe_batch,
             workers=settings.batch_workers,
         )
+        confined = confine_python_threads(settings.http_cores)
     except ImagerecError as exc:
         log.error("the model could not be loaded: %s", exc.message)
         slot.fail(f"the model could not be loaded: {exc.message}")
@@ -102,6 +108,8 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
         slot.fail(f"the model could not be loaded: {exc}")
         return
     slot.set(batcher)
+    if confined:
+        log.info("Python threads on CPU %s, the model's on all", sorted(confined))
     log.info("ready: model %s version %s", predictor.name, predictor.version)
 
 
