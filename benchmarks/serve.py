@@ -355,7 +355,9 @@ def report(args, limits: dict, served: list[dict], naive: list[dict], rss: float
             f"Model: {limits['name']} (version {limits['version']}, test-time augmentation "
             f"{limits['tta']}). Server: `imagerec serve --threads {args.threads}`, "
             f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, "
-            f"{args.batch_workers} batcher workers.",
+            f"{args.batch_workers} batcher workers, Python threads on "
+            f"{f'{args.http_cores} CPU' if args.http_cores else 'every CPU'} "
+            "(IMAGEREC_HTTP_CORES).",
             f"Client: {CLIENT_TEXT[args.load]}, raw image/jpeg bodies of the 80 CIFAR fixture "
             "JPEGs (tests/fixtures/cifar_small), sharing the machine's cores with the server.",
             "",
@@ -394,6 +396,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--batch-workers", type=int, default=2, help="micro-batcher threads")
+    parser.add_argument(
+        "--http-cores", type=int, default=1, help="CPUs for the server's Python threads (0: all)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="per in-process figure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.md")
     parser.add_argument(
@@ -430,6 +435,7 @@ def main() -> int:
     os.environ["IMAGEREC_MAX_BATCH"] = str(args.max_batch)
     os.environ["IMAGEREC_MAX_WAIT_MS"] = str(args.max_wait_ms)
     os.environ["IMAGEREC_BATCH_WORKERS"] = str(args.batch_workers)
+    os.environ["IMAGEREC_HTTP_CORES"] = str(args.http_cores)
     print("imagerec serve...", file=sys.stderr)
     served, rss = measure_server(serve, url, levels, dict.fromkeys(levels, args.requests))
 
