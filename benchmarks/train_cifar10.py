@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import statistics
@@ -185,6 +186,7 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
             "",
         ]
     lines += tta_cost(args.final_out, runs + compared)
+    lines += toward_target(runs[:1] + compared, final)
     seeds = [entry["metrics"]["val_accuracy_tta"] for entry in runs]
     lines += ["## Against the targets", ""]
     if seeds:
@@ -201,6 +203,40 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
     else:
         lines.append("- No final run on all 50,000 images in this command (add --final).")
     return "\n".join(lines) + "\n"
+
+
+def toward_target(entries: list[dict], final: dict | None, target: float = 0.94) -> list[str]:
+    """What the epoch table says about reaching `target` by training longer."""
+    points = sorted({e["metrics"]["epochs"]: e["metrics"] for e in entries}.items())
+    if len(points) < 2:
+        return []
+    (low, first), (high, last) = points[0], points[-1]
+    per_doubling = (last["val_accuracy_tta"] - first["val_accuracy_tta"]) / math.log2(high / low)
+    lines = [
+        f"## Toward {target:.0%}",
+        "",
+        f"The longest run, {high} epochs, reached {last['val_accuracy_tta']:.2%} with flip TTA, "
+        f"{(target - last['val_accuracy_tta']) * 100:.1f} points short. From {low} to {high} "
+        f"epochs each doubling added {per_doubling * 100:+.2f} points on average.",
+    ]
+    if per_doubling > 0 and last["val_accuracy_tta"] < target:
+        doublings = (target - last["val_accuracy_tta"]) / per_doubling
+        lines[-1] += (
+            f" If every further doubling paid as much, which this table cannot promise, "
+            f"{target:.0%} would need about {high * 2**doublings:,.0f} epochs."
+        )
+    lines.append("")
+    if final and final["metrics"]["epoch_times_s"]:
+        m = final["metrics"]
+        epoch_s = statistics.mean(m["epoch_times_s"])
+        fixed_s = (final["command_s"] or m["wall_time_s"]) - sum(m["epoch_times_s"])
+        fits = int((40 * 60 - fixed_s) // epoch_s)
+        lines.append(
+            f"On all 50,000 images an epoch takes {epoch_s:.0f} s here and the rest of the "
+            f"command {fixed_s:.0f} s, so {fits} epochs fit in the 40-minute budget and "
+            f"{high} epochs would take {(fixed_s + high * epoch_s) / 60:.0f} minutes."
+        )
+    return [*lines, ""]
 
 
 def final_minutes(final: dict) -> float:
