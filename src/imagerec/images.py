@@ -31,9 +31,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
-# JPEG start-of-frame markers: every SOFn except DHT (C4), JPG (C8) and DAC (CC).
-_JPEG_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_JPEG_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.11+
 _JPEG_FLAGS = cv2.IMREAD_COLOR if _JPEG_RGB is None else _JPEG_RGB
+# JPEG start-of-frame markers: every SOFn except DHT (C4), JPG (C8) and DAC (CC).
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
