@@ -272,3 +272,34 @@ def test_bytes_after_the_jpeg_end_marker_are_accepted(photo):
     cut = data[: len(data) - 40] + b"\x00\x01trailer"
     with pytest.raises(InvalidImage, match="truncated"):
         decode_image(cut)
+
+
+def exif_oriented_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
+    """A 20x40 JPEG, left half red, with an EXIF orientation tag; and its RGB pixels as stored
+    (JPEG blurs the colours at the edge between the halves)."""
+    bgr = np.zeros((20, 40, 3), np.uint8)
+    bgr[:, :20] = (0, 0, 255)
+    data = encode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    entry = struct.pack(">HHII", 274, 3, 1, orientation << 16)  # Orientation, SHORT, 1 value
+    tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + entry + struct.pack(">I", 0)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(tiff) + 8) + b"Exif\x00\x00" + tiff
+    return data[:2] + app1 + data[2:], bgr[:, :, ::-1]
+
+
+@pytest.mark.parametrize("rgb_flag", [True, False], ids=["IMREAD_COLOR_RGB", "older OpenCV"])
+def test_jpeg_exif_orientation_and_rgb_order_with_and_without_the_rgb_flag(monkeypatch, rgb_flag):
+    if rgb_flag and images._JPEG_RGB is None:
+        pytest.skip("this OpenCV has no IMREAD_COLOR_RGB")
+    if not rgb_flag:  # the path for OpenCV before 4.11
+        monkeypatch.setattr(images, "_JPEG_RGB", None)
+        monkeypatch.setattr(images, "_JPEG_FLAGS", cv2.IMREAD_COLOR)
+    data, stored = exif_oriented_jpeg(6)  # 6: rotate 90 degrees clockwise to display
+    image = decode_image(data)
+    assert image.shape == (40, 20, 3)
+    # the red half (stored on the left) ends up on top, and red is channel 0
+    assert image[:18, :, 0].min() > 200 and image[:18, :, 2].max() < 60
+    assert image[22:].max() < 60
+    upright = decode_image(exif_oriented_jpeg(1)[0])  # 1: stored as displayed
+    assert upright.shape == (20, 40, 3)
+    assert np.abs(upright[:, :16].astype(int) - stored[:, :16]).max() <= 8
+    assert np.abs(upright[:, 24:].astype(int) - stored[:, 24:]).max() <= 8
