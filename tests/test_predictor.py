@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -133,8 +134,10 @@ def test_confine_python_threads_pins_every_python_thread_and_zero_leaves_them():
     release = threading.Event()
     helper = threading.Thread(target=release.wait, name="helper")
     helper.start()
-    threads = [t for t in threading.enumerate() if t.native_id is not None]
-    before = {t.native_id: os.sched_getaffinity(t.native_id) for t in threads}
+    # Our two threads; others (from earlier tests) may end at any moment, so they are skipped.
+    before = {
+        tid: os.sched_getaffinity(tid) for tid in (threading.get_native_id(), helper.native_id)
+    }
     try:
         assert confine_python_threads(0) is None
         assert all(os.sched_getaffinity(tid) == cpus for tid, cpus in before.items())
@@ -146,7 +149,8 @@ def test_confine_python_threads_pins_every_python_thread_and_zero_leaves_them():
         assert os.sched_getaffinity(helper.native_id) == {lowest}
         assert os.sched_getaffinity(threading.get_native_id()) == {lowest}
     finally:
-        for tid, cpus in before.items():
-            os.sched_setaffinity(tid, cpus)
+        for thread in threading.enumerate():  # every thread the call may have pinned
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.sched_setaffinity(thread.native_id, before[threading.get_native_id()])
         release.set()
         helper.join()
