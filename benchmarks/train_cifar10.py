@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from imagerec.bundle import BundleError, verify_bundle
+from imagerec.train import TrainConfig
 from machine import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,22 +53,35 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    runs = []
-    for seed in args.seeds:
-        out = args.work / f"seed{seed}-e{args.epochs or 'default'}"
-        runs.append(run(args, out, ["--seed", str(seed)], f"seed {seed}, 45,000/5,000"))
+    # Every command names its epochs, and a run's folder is named by them, so runs made under
+    # an earlier default are never mistaken for runs of the current one.
+    epochs = args.epochs or TrainConfig().epochs
+    runs = [
+        run(
+            args,
+            args.work / f"seed{seed}-e{epochs}",
+            ["--seed", str(seed), "--epochs", str(epochs)],
+            f"seed {seed}, 45,000/5,000",
+        )
+        for seed in args.seeds
+    ]
     compared = [
         run(
             args,
-            args.work / f"seed0-e{epochs}",
-            ["--seed", "0", "--epochs", str(epochs)],
-            f"seed 0, {epochs} epochs",
+            args.work / f"seed0-e{n}",
+            ["--seed", "0", "--epochs", str(n)],
+            f"seed 0, {n} epochs",
         )
-        for epochs in args.compare_epochs
+        for n in args.compare_epochs
     ]
     final = None
     if args.final:
-        final = run(args, args.final_out, ["--seed", "0", "--val-split", "0"], "final, 50,000")
+        final = run(
+            args,
+            args.final_out,
+            ["--seed", "0", "--val-split", "0", "--epochs", str(epochs)],
+            "final, 50,000",
+        )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(report(args, runs, compared, final))
     print(f"wrote {args.results}")
@@ -97,8 +111,6 @@ def run(args, out: Path, extra: list[str], label: str) -> dict:
             str(out),
             *extra,
         ]
-        if args.epochs:
-            command += ["--epochs", str(args.epochs)]
         print("$", shlex.join(command), flush=True)
         started = time.perf_counter()
         subprocess.run(command, check=True)
@@ -161,8 +173,7 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
             "| epochs | wall time (s) | val acc | val acc, flip TTA |",
             "|---|---|---|---|",
         ]
-        for entry in sorted(runs[:1] + compared, key=lambda e: e["metrics"]["epochs"]):
-            m = entry["metrics"]
+        for _, m in epoch_points(runs[:1] + compared):
             lines.append(
                 f"| {m['epochs']} | {m['wall_time_s']:.0f} | {m['val_accuracy']:.4f} | "
                 f"{m['val_accuracy_tta']:.4f} |"
@@ -210,7 +221,7 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
 
 def toward_target(entries: list[dict], final: dict | None, target: float = 0.94) -> list[str]:
     """What the epoch table says about reaching `target` by training longer."""
-    points = sorted({e["metrics"]["epochs"]: e["metrics"] for e in entries}.items())
+    points = epoch_points(entries)
     if len(points) < 2:
         return []
     (low, first), (high, last) = points[0], points[-1]
@@ -241,6 +252,11 @@ def toward_target(entries: list[dict], final: dict | None, target: float = 0.94)
             "",
         ]
     return lines
+
+
+def epoch_points(entries: list[dict]) -> list[tuple[int, dict]]:
+    """(epochs, metrics) once per epoch count, shortest first."""
+    return sorted({e["metrics"]["epochs"]: e["metrics"] for e in entries}.items())
 
 
 def final_minutes(final: dict) -> float:

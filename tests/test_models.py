@@ -8,7 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from imagerec.models import build_model, mobilenet_v2, resnet_small, whitening_kernel
+from imagerec.models import (
+    FusedBatchNormalization,
+    build_model,
+    mobilenet_v2,
+    resnet_small,
+    whitening_kernel,
+)
 from imagerec.train import (
     TrainConfig,
     WarmupLinearDecay,
@@ -62,6 +68,47 @@ def test_resnet_small_outputs_probabilities_and_normalises_inside():
     normalize = model.get_layer("normalize")
     assert np.allclose(normalize.mean.numpy().ravel(), [120.0, 110.0, 100.0])
     assert model.get_layer("whiten").trainable is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_trains_exactly_like_keras_batch_norm(dtype):
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).normal(2, 3, (8, 6, 6, 5)).astype(np.float32))
+    weights = tf.range(5, dtype=tf.float32)[None, None, None]
+    results = []
+    for layer_class in (keras.layers.BatchNormalization, FusedBatchNormalization):
+        layer = layer_class(momentum=0.6, epsilon=1e-5, scale=False, dtype=dtype)
+        layer.build(x.shape)
+        layer.beta.assign(np.arange(5, dtype=np.float32) / 10)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x, training=True), tf.float32)
+            loss = tf.reduce_sum(y * weights * x)
+        grad_x, grad_beta = tape.gradient(loss, [x, layer.beta])
+        inference = tf.cast(layer(x, training=False), tf.float32)
+        results.append(
+            [t.numpy() for t in (y, grad_x, grad_beta, layer.moving_mean, layer.moving_variance)]
+            + [inference.numpy()]
+        )
+    keras_run, fused_run = results
+    tolerance = 1e-4 if dtype == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
+    for expected, actual in zip(keras_run, fused_run, strict=True):
+        assert np.allclose(actual, expected, rtol=tolerance, atol=tolerance)
+    # The moving statistics moved: the comparison is not between two untouched layers.
+    assert np.abs(keras_run[3]).min() > 0.1
+
+
+def test_fused_norm_model_has_the_plain_models_weights():
+    plain = resnet_small(10)
+    fused = resnet_small(10, fused_norm=True)
+    assert [w.shape for w in plain.weights] == [w.shape for w in fused.weights]
+    assert sum(isinstance(layer, FusedBatchNormalization) for layer in fused.layers) == 6
+    assert not any(isinstance(layer, FusedBatchNormalization) for layer in plain.layers)
+    fused.set_weights([np.random.default_rng(0).random(w.shape) for w in fused.weights])
+    plain.set_weights(fused.get_weights())
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    assert np.allclose(plain(images, training=False), fused(images, training=False), atol=1e-6)
 
 
 def test_build_model_rejects_unknown_architecture():

@@ -37,15 +37,53 @@ def build_model(
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
-def _conv_group(x, width: int, name: str, activation: str):
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras' batch norm whose training step is TensorFlow's fused kernel.
+
+    The same statistics, moving averages and gradients, in one operation instead of Keras'
+    moments, casts and arithmetic, which took about 40% of a training step here
+    (benchmarks/results/profile_train.md). Inference is Keras' own code. Training uses it; a
+    bundle holds the plain layer, with the same weights, so loading needs no custom class.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        import tensorflow as tf
+
+        fusable = len(inputs.shape) == 4 and self.axis in (3, -1) and mask is None
+        if not training or not fusable or keras.backend.backend() != "tensorflow":
+            return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        scale = self.gamma if self.scale else tf.ones((channels,), "float32")
+        offset = self.beta if self.center else tf.zeros((channels,), "float32")
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=tf.cast(scale, "float32"),
+            offset=tf.cast(offset, "float32"),
+            mean=tf.zeros((channels,)),  # unused in training mode
+            variance=tf.ones((channels,)),
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,  # return this batch's statistics
+            data_format="NHWC",
+            is_training=True,
+        )
+        # The kernel returns the unbiased variance; Keras averages the biased one.
+        count = tf.cast(tf.size(inputs) // channels, "float32")
+        variance = variance * (count - 1) / count
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + variance * (1 - momentum))
+        return outputs
+
+
+def _conv_group(x, width: int, name: str, activation: str, norm=layers.BatchNormalization):
     # airbench's group: conv, pool, norm, act, conv, norm, act. Pooling before the norm
     # halves the normalisation work at no cost in accuracy.
     x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
     x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
-    x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn1")(x)
+    x = norm(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn1")(x)
     x = layers.Activation(activation, name=f"{name}_act1")(x)
     y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(x)
-    y = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn2")(y)
+    y = norm(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn2")(y)
     y = layers.Activation(activation, name=f"{name}_act2")(y)
     return layers.Add(name=f"{name}_residual")([x, y])
 
@@ -58,12 +96,13 @@ def resnet_small(
     widths: tuple[int, ...] = (64, 256, 256),
     whiten_width: int = 24,
     activation: str = "relu",
+    fused_norm: bool = False,
 ) -> keras.Model:
     """A fast residual CNN for small images, after airbench94 and Page's ResNet-9.
 
     A frozen 2x2 patch-whitening convolution (airbench; set by `init_whitening`), three conv
     groups with max-pool, batch norm and a residual connection (Page's ResNet-9), then global
-    max-pooling and a linear classifier.
+    max-pooling and a linear classifier. `fused_norm`: train with FusedBatchNormalization.
     """
     mean = mean or [127.5] * 3
     std = std or [64.0] * 3
@@ -74,7 +113,8 @@ def resnet_small(
     )(x)
     x = layers.Activation(activation, name="whiten_act")(x)
     for index, width in enumerate(widths):
-        x = _conv_group(x, width, f"group{index + 1}", activation)
+        norm = FusedBatchNormalization if fused_norm else layers.BatchNormalization
+        x = _conv_group(x, width, f"group{index + 1}", activation, norm)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dense(num_classes, use_bias=False, name="logits")(x)
     x = layers.Rescaling(0.125, name="logit_scale")(x)  # Page's ResNet-9: tames early steps
