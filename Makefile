@@ -32,7 +32,7 @@ format: $(STAMP)
 # DATA: 'cifar10' (downloads) or a folder such as the extracted shared JPEG images.
 DATA ?= cifar10
 train-cifar10: $(STAMP)
-	$(BIN)/python benchmarks/train_cifar10.py --data $(DATA) --seeds 0 1 2 --compare-epochs 10 20 30 --final
+	$(BIN)/python benchmarks/train_cifar10.py --data $(DATA) --seeds 0 1 2 --compare-epochs 10 20 40 --final
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py

@@ -153,9 +153,9 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
         ]
         for entry in runs:
             m = entry["metrics"]
-            epoch = statistics.mean(m["epoch_times_s"]) if m["epoch_times_s"] else float("nan")
             lines.append(
-                f"| {entry['label']} | {m['epochs']} | {m['wall_time_s']:.0f} | {epoch:.1f} | "
+                f"| {entry['label']} | {m['epochs']} | {m['wall_time_s']:.0f} | "
+                f"{mean_epoch(m):.1f} | "
                 f"{m['val_accuracy']:.4f} | {m['val_accuracy_tta']:.4f} |"
             )
         for key, name in (("val_accuracy", "without TTA"), ("val_accuracy_tta", "flip TTA")):
@@ -170,13 +170,13 @@ def report(args, runs: list[dict], compared: list[dict], final: dict | None) -> 
         lines += [
             "## Accuracy against epochs (seed 0, same split)",
             "",
-            "| epochs | wall time (s) | val acc | val acc, flip TTA |",
-            "|---|---|---|---|",
+            "| epochs | wall time (s) | mean epoch (s) | val acc | val acc, flip TTA |",
+            "|---|---|---|---|---|",
         ]
         for _, m in epoch_points(runs[:1] + compared):
             lines.append(
-                f"| {m['epochs']} | {m['wall_time_s']:.0f} | {m['val_accuracy']:.4f} | "
-                f"{m['val_accuracy_tta']:.4f} |"
+                f"| {m['epochs']} | {m['wall_time_s']:.0f} | {mean_epoch(m):.1f} | "
+                f"{m['val_accuracy']:.4f} | {m['val_accuracy_tta']:.4f} |"
             )
         lines.append("")
     if final:
@@ -257,6 +257,11 @@ def toward_target(entries: list[dict], final: dict | None, target: float = 0.94)
 def epoch_points(entries: list[dict]) -> list[tuple[int, dict]]:
     """(epochs, metrics) once per epoch count, shortest first."""
     return sorted({e["metrics"]["epochs"]: e["metrics"] for e in entries}.items())
+
+
+def mean_epoch(metrics: dict) -> float:
+    times = metrics["epoch_times_s"]
+    return statistics.mean(times) if times else float("nan")
 
 
 def final_minutes(final: dict) -> float:

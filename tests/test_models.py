@@ -20,6 +20,8 @@ from imagerec.train import (
     WarmupLinearDecay,
     alternating_flips,
     augment_batch,
+    augmented_batches,
+    batch_dataset,
     lookahead_decay,
     lookahead_update,
     nesterov_sgd,
@@ -200,6 +202,39 @@ def test_alternating_flips_mirror_each_image_once_every_two_epochs():
     assert 400 < masks[0].sum() < 600
     assert np.array_equal(masks[1], ~masks[0]) and np.array_equal(masks[2], masks[0])
     assert np.array_equal(masks[3], masks[1])
+
+
+def test_augmented_batches_cover_every_image_once_per_epoch_mirrored_in_turn():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    config = TrainConfig(batch_size=4, translate=0, seed=5)
+    # One class per image, so each one-hot label names the image it came with.
+    batches = augmented_batches(x, np.arange(10), config, num_classes=10)
+    epochs = []
+    for _ in range(3):
+        epoch = [next(batches) for _ in range(3)]
+        assert [len(images) for images, _ in epoch] == [4, 4, 2]
+        images = np.concatenate([images for images, _ in epoch])
+        which = np.concatenate([labels for _, labels in epoch]).argmax(axis=1)
+        assert sorted(which) == list(range(10))
+        epochs.append(images[np.argsort(which)])
+    first, second, third = (e.astype(np.uint8) for e in epochs)
+    mirrored = x[:, :, ::-1]  # (image, row, column, channel): columns reversed
+    flipped = [np.array_equal(first[i], mirrored[i]) for i in range(10)]
+    for i in range(10):
+        assert np.array_equal(first[i], mirrored[i] if flipped[i] else x[i])
+        assert np.array_equal(second[i], x[i] if flipped[i] else mirrored[i])
+        assert np.array_equal(third[i], first[i])
+    assert 0 < sum(flipped) < 10
+
+
+def test_batch_dataset_yields_the_generators_batches_as_float_tensors():
+    x = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    config = TrainConfig(batch_size=4, translate=0)
+    dataset = batch_dataset(x, np.arange(6) % 2, config, num_classes=2)
+    first, second, third = [batch for batch, _ in zip(dataset, range(3), strict=False)]
+    assert [len(b[0]) for b in (first, second, third)] == [4, 2, 4]
+    assert first[0].dtype.name == "float32" and first[1].shape == (4, 2)
 
 
 def test_augment_batch_flips_and_translates_copies_of_each_image():
