@@ -8,8 +8,8 @@ include start-up, data loading and saving. Seed runs hold out the stratified 45,
 then trains on all 50,000 images into models/cifar10 with the same recipe and no further tuning.
 Runs whose metrics.json already exists in --work are reused unless --fresh is given, so the
 report can be rebuilt from runs made earlier. The final bundle is reused only when --work
-recorded the command that wrote it (its manifest version and wall time); otherwise it is
-trained again.
+recorded the command that wrote it (its arguments, manifest version and wall time); otherwise
+it is trained again.
 """
 
 from __future__ import annotations
@@ -90,33 +90,37 @@ def main() -> int:
 
 def run(args, out: Path, extra: list[str], label: str) -> dict:
     metrics_path = out / "metrics.json"
-    record_path = args.work / "commands.json"  # {run folder: {"command_s", "version"}}
+    record_path = args.work / "commands.json"  # {run folder: {"command_s", "version", "args"}}
     records = json.loads(record_path.read_text()) if record_path.exists() else {}
     record = records.get(str(out.resolve()))
     # The whole command, data loading and evaluation included, when this script timed it.
     command_s = record["command_s"] if record else None
+    command = [
+        str(Path(sys.executable).parent / "imagerec"),
+        "train",
+        *["--data", args.data, "--out", str(out), *extra],
+    ]
     if out == args.final_out:  # in git: reusable only if this script wrote this very bundle
-        reuse = record is not None and record["version"] == _version(out)
+        reuse = (
+            record is not None
+            and record["version"] == _version(out)
+            and record.get("args") == command[1:]  # and with the same arguments
+        )
     else:
         reuse = metrics_path.exists()
     if reuse and not args.fresh:
         print(f"reusing {out}", flush=True)
     else:
-        command = [
-            str(Path(sys.executable).parent / "imagerec"),
-            "train",
-            "--data",
-            args.data,
-            "--out",
-            str(out),
-            *extra,
-        ]
         print("$", shlex.join(command), flush=True)
         started = time.perf_counter()
         subprocess.run(command, check=True)
         command_s = time.perf_counter() - started
         print(f"{label}: {command_s:.0f} s", flush=True)
-        records[str(out.resolve())] = {"command_s": command_s, "version": _version(out)}
+        records[str(out.resolve())] = {
+            "command_s": command_s,
+            "version": _version(out),
+            "args": command[1:],
+        }
         args.work.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(records, indent=1))
     metrics = json.loads(metrics_path.read_text())

@@ -41,7 +41,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
     """Keras' batch norm whose training step is TensorFlow's fused kernel.
 
     The same statistics, moving averages and gradients, in one operation instead of Keras'
-    moments, casts and arithmetic, which took about 40% of a training step here
+    moments, casts and arithmetic: a training step here takes 35% less
     (benchmarks/results/profile_train.md). Inference is Keras' own code. Training uses it; a
     bundle holds the plain layer, with the same weights, so loading needs no custom class.
     """
