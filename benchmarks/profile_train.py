@@ -72,7 +72,7 @@ def main() -> int:
         )
 
     generator = augmented_batches(x, y, config, 10)
-    pipeline_s = best_of(lambda: next(generator), repeats=args.steps)
+    pipeline_s = median_seconds(lambda: next(generator), repeats=args.steps)
     batches = batch_dataset(x, y, config, 10)
 
     one = next(generator)
@@ -160,7 +160,7 @@ def row(label: str, seconds: float, batch: int) -> str:
     return f"| {label} | {seconds * 1000:.0f} | {batch / seconds:.0f} |"
 
 
-def best_of(call, repeats: int) -> float:
+def median_seconds(call, repeats: int) -> float:
     """Median seconds of `call` after one warm-up call."""
     call()
     times = []
@@ -209,7 +209,7 @@ def forward_flops(model) -> int:
 def matmul_rate(tf, dtype: str, n: int = 4096, repeats: int = 5) -> float:
     a = tf.random.normal((n, n), dtype=tf.float32)
     a = tf.cast(a, dtype)
-    seconds = best_of(lambda: tf.linalg.matmul(a, a).numpy(), repeats)
+    seconds = median_seconds(lambda: tf.linalg.matmul(a, a).numpy(), repeats)
     return 2 * n**3 / seconds
 
 

@@ -246,7 +246,7 @@ def toward_target(entries: list[dict], final: dict | None, target: float = 0.94)
     lines.append("")
     if final and final["metrics"]["epoch_times_s"]:
         epoch_times = final["metrics"]["epoch_times_s"]
-        epoch_s = statistics.mean(epoch_times)
+        epoch_s = mean_epoch(final["metrics"])
         fixed_s = final_minutes(final) * 60 - sum(epoch_times)
         fits = int((BUDGET_MINUTES * 60 - fixed_s) // epoch_s)
         lines += [

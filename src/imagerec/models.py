@@ -112,8 +112,8 @@ def resnet_small(
         whiten_width, 2, padding="valid", use_bias=False, trainable=False, name="whiten"
     )(x)
     x = layers.Activation(activation, name="whiten_act")(x)
+    norm = FusedBatchNormalization if fused_norm else layers.BatchNormalization
     for index, width in enumerate(widths):
-        norm = FusedBatchNormalization if fused_norm else layers.BatchNormalization
         x = _conv_group(x, width, f"group{index + 1}", activation, norm)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dense(num_classes, use_bias=False, name="logits")(x)
