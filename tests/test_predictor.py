@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import pytest
@@ -154,3 +154,40 @@ def test_confine_python_threads_pins_every_python_thread_and_zero_leaves_them():
                 os.sched_setaffinity(thread.native_id, before[threading.get_native_id()])
         release.set()
         helper.join()
+
+
+class InstantPredictor:
+    """Answers at once with each image's first pixel value, so a mix-up would show."""
+
+    input_size = (2, 2)
+    labels = ["value", "zero"]
+
+    def as_batch(self, images: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(images, dtype=np.uint8)
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        time.sleep(0.0002)
+        probs = np.zeros((len(images), 2), np.float32)
+        probs[:, 0] = images[:, 0, 0, 0]
+        return probs
+
+
+def test_every_caller_of_a_burst_is_answered_without_a_later_arrival():
+    # Bursts of 1 to 32 callers against two workers: each burst must finish on its own. With
+    # SimpleQueue, one worker could sit on gathered jobs until the next request woke it (the
+    # server then left a client hanging); on that code this test failed in most runs.
+    batcher = MicroBatcher(InstantPredictor(), max_batch=8, max_wait_ms=1, workers=2)
+    images = [np.full((1, 2, 2, 3), i, np.uint8) for i in range(32)]
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            for burst in range(6000):
+                calls = [
+                    pool.submit(batcher.predict_arrays, images[i]) for i in range(burst % 32 + 1)
+                ]
+                _, waiting = wait(calls, timeout=10)
+                if waiting:
+                    batcher.predict_arrays(images[0])  # a new arrival frees them, so we can stop
+                assert not waiting, f"burst {burst}: {len(waiting)} callers were never answered"
+                assert [call.result()[0, 0] for call in calls] == list(range(len(calls)))
+    finally:
+        batcher.close()

@@ -210,7 +210,11 @@ class MicroBatcher:
         self.max_batch = max(1, max_batch)
         self.max_wait_ms = max_wait_ms
         self.on_batch = on_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Not SimpleQueue: with two consumers its timed get() can lose the deadline and block
+        # until the next put (CPython: a wake-up whose item another worker took recomputes a
+        # negative timeout, which means "forever"), so a burst's last caller waited for the next
+        # request. Queue's get(timeout) is Python code that re-checks its deadline.
+        self._queue: queue.Queue = queue.Queue()
         self._closed = False
         # Two workers keep the model busy: one gathers and dispatches the next batch (Python, under
         # the GIL) while the other's forward pass runs, so the cores never wait between batches.
