@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format train-cifar10 profile-train bench-serve clean
+.PHONY: run test lint format train-cifar10 ablate-cifar10 profile-train bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "imagerec needs Python 3.10, 3.11 or 3.12 on PATH" >&2; exit 1; }
@@ -33,6 +33,9 @@ format: $(STAMP)
 DATA ?= cifar10
 train-cifar10: $(STAMP)
 	$(BIN)/python benchmarks/train_cifar10.py --data $(DATA) --seeds 0 1 2 --compare-epochs 10 20 40 --final
+
+ablate-cifar10: $(STAMP)
+	$(BIN)/python benchmarks/ablate_cifar10.py --data $(DATA)
 
 profile-train: $(STAMP)
 	$(BIN)/python benchmarks/profile_train.py

@@ -113,6 +113,14 @@ def test_fused_norm_model_has_the_plain_models_weights():
     assert np.allclose(plain(images, training=False), fused(images, training=False), atol=1e-6)
 
 
+def test_residual_false_drops_only_the_residual_adds():
+    with_adds, without = resnet_small(10), resnet_small(10, residual=False)
+    assert [w.shape for w in with_adds.weights] == [w.shape for w in without.weights]
+    adds = [layer.name for layer in with_adds.layers if isinstance(layer, keras.layers.Add)]
+    assert adds == ["group1_residual", "group2_residual", "group3_residual"]
+    assert not any(isinstance(layer, keras.layers.Add) for layer in without.layers)
+
+
 def test_build_model_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("vgg", 10, (32, 32), [0.0] * 3, [1.0] * 3)

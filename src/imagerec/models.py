@@ -75,7 +75,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
-def _conv_group(x, width: int, name: str, activation: str, norm=layers.BatchNormalization):
+def _conv_group(
+    x, width: int, name: str, activation: str, norm=layers.BatchNormalization, residual=True
+):
     # airbench's group: conv, pool, norm, act, conv, norm, act. Pooling before the norm
     # halves the normalisation work at no cost in accuracy.
     x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
@@ -85,7 +87,7 @@ def _conv_group(x, width: int, name: str, activation: str, norm=layers.BatchNorm
     y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(x)
     y = norm(momentum=0.6, epsilon=1e-5, scale=False, name=f"{name}_bn2")(y)
     y = layers.Activation(activation, name=f"{name}_act2")(y)
-    return layers.Add(name=f"{name}_residual")([x, y])
+    return layers.Add(name=f"{name}_residual")([x, y]) if residual else y
 
 
 def resnet_small(
@@ -97,12 +99,14 @@ def resnet_small(
     whiten_width: int = 24,
     activation: str = "relu",
     fused_norm: bool = False,
+    residual: bool = True,
 ) -> keras.Model:
     """A fast residual CNN for small images, after airbench94 and Page's ResNet-9.
 
     A frozen 2x2 patch-whitening convolution (airbench; set by `init_whitening`), three conv
     groups with max-pool, batch norm and a residual connection (Page's ResNet-9), then global
-    max-pooling and a linear classifier. `fused_norm`: train with FusedBatchNormalization.
+    max-pooling and a linear classifier. `fused_norm`: train with FusedBatchNormalization;
+    `residual=False` drops the residual adds (airbench94's shape, for benchmarks/ablate_cifar10.py).
     """
     mean = mean or [127.5] * 3
     std = std or [64.0] * 3
@@ -114,7 +118,7 @@ def resnet_small(
     x = layers.Activation(activation, name="whiten_act")(x)
     norm = FusedBatchNormalization if fused_norm else layers.BatchNormalization
     for index, width in enumerate(widths):
-        x = _conv_group(x, width, f"group{index + 1}", activation, norm)
+        x = _conv_group(x, width, f"group{index + 1}", activation, norm, residual)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dense(num_classes, use_bias=False, name="logits")(x)
     x = layers.Rescaling(0.125, name="logit_scale")(x)  # Page's ResNet-9: tames early steps
