@@ -17,6 +17,7 @@ import json
 import logging
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -67,30 +68,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="cifar10", help="'cifar10' or the shared image folder")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/imagerec-bench-ablate"))
     parser.add_argument("--fresh", action="store_true", help="rerun runs that already exist")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # with --one
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return train_variant(args)
 
-    rows = []
+    runs = []  # (variant, seed, metrics)
     for name in args.variants:
-        out = args.work / f"{name}-seed{args.seed}-e{args.epochs}"
-        if (out / "metrics.json").exists() and not args.fresh:
-            print(f"reusing {out}", flush=True)
-        else:
-            command = [sys.executable, __file__, "--one", name, "--out", str(out)]
-            command += ["--data", args.data, "--epochs", str(args.epochs), "--seed", str(args.seed)]
-            print("$", shlex.join(command), flush=True)
-            subprocess.run(command, check=True)
-        rows.append((name, json.loads((out / "metrics.json").read_text())))
+        for seed in args.seeds:
+            out = args.work / f"{name}-seed{seed}-e{args.epochs}"
+            if (out / "metrics.json").exists() and not args.fresh:
+                print(f"reusing {out}", flush=True)
+            else:
+                command = [sys.executable, __file__, "--one", name, "--out", str(out)]
+                command += ["--data", args.data, "--epochs", str(args.epochs), "--seed", str(seed)]
+                print("$", shlex.join(command), flush=True)
+                subprocess.run(command, check=True)
+            runs.append((name, seed, json.loads((out / "metrics.json").read_text())))
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(report(args, rows))
+    args.results.write_text(report(args, runs))
     print(f"wrote {args.results}")
     return 0
 
@@ -152,10 +155,9 @@ def dirac_init(model) -> None:
             layer.kernel.assign(kernel)
 
 
-def report(args, rows) -> str:
-    first = rows[0][1]
-    versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
-    base = dict(rows).get("recipe")
+def report(args, runs) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in runs[0][2]["versions"].items())
+    seeds = ", ".join(map(str, args.seeds))
     lines = [
         "# What each part of the CIFAR-10 recipe pays",
         "",
@@ -163,25 +165,35 @@ def report(args, rows) -> str:
         "",
         f"Machine: {cpu_description()}; {platform.platform()}; {versions}.",
         "",
-        f"Each run: `imagerec train` defaults with one change, {args.epochs} epochs, seed "
-        f"{args.seed}, the stratified 45,000/5,000 split of the shared JPEG (q75) images. One "
-        "seed each: differences within the seed spread of benchmarks/results/train_cifar10.md "
-        "(about ± 0.3 points without TTA, ± 0.1 with flip TTA at 30 epochs) are noise.",
+        f"Each run: `imagerec train` defaults with one change, {args.epochs} epochs, seed(s) "
+        f"{seeds}, the stratified 45,000/5,000 split of the shared JPEG (q75) images. The seed "
+        "spread in benchmarks/results/train_cifar10.md (3 seeds at 30 epochs: ± 0.3 points "
+        "without TTA, ± 0.1 with flip TTA) is the scale of noise for a single run.",
         "",
-        "| variant | change | mean epoch (s) | val acc | flip TTA | against the recipe (TTA) |",
-        "|---|---|---|---|---|---|",
+        "| variant | change | runs | mean epoch (s) | val acc | flip TTA | against the recipe |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, m in rows:
-        delta = (
-            f"{100 * (m['val_accuracy_tta'] - base['val_accuracy_tta']):+.2f} points"
-            if base is not None and name != "recipe"
-            else ""
-        )
-        epoch = sum(m["epoch_times_s"]) / len(m["epoch_times_s"])
+    means = {}
+    for name in args.variants:
+        metrics = [m for variant, _, m in runs if variant == name]
+        means[name] = [
+            statistics.mean(m[key] for m in metrics) for key in ("val_accuracy", "val_accuracy_tta")
+        ] + [statistics.mean(statistics.mean(m["epoch_times_s"]) for m in metrics), len(metrics)]
+    base = means.get("recipe")
+    for name, (plain, tta, epoch, count) in means.items():
+        delta = ""
+        if base is not None and name != "recipe":
+            delta = f"{100 * (plain - base[0]):+.2f} / {100 * (tta - base[1]):+.2f} points"
         lines.append(
-            f"| {name} | {VARIANTS[name][0]} | {epoch:.1f} | {m['val_accuracy']:.4f} | "
-            f"{m['val_accuracy_tta']:.4f} | {delta} |"
+            f"| {name} | {VARIANTS[name][0]} | {count} | {epoch:.1f} | {plain:.4f} | {tta:.4f} "
+            f"| {delta} |"
         )
+    if len(args.seeds) > 1:
+        lines += ["", "| variant | seed | val acc | flip TTA |", "|---|---|---|---|"]
+        for name, seed, m in runs:
+            lines.append(
+                f"| {name} | {seed} | {m['val_accuracy']:.4f} | {m['val_accuracy_tta']:.4f} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
