@@ -3,11 +3,11 @@ benchmarks/results/ablate_cifar10.md.
 
     python benchmarks/ablate_cifar10.py --data /tmp/cifar10/train
 
-Every variant is the default recipe with one part removed (or, for `dirac`, replaced), trained
-at the same short length (--epochs, default 10) and seed on the stratified 45,000/5,000 split,
-each in its own process through `imagerec.train.train`. One seed per variant: a difference
-smaller than the seed spread in benchmarks/results/train_cifar10.md is not a finding. Runs whose
-metrics.json exists in --work are reused unless --fresh is given.
+Every variant is the default recipe with one part removed or replaced, trained at the same
+short length (--epochs, default 10) and seeds (--seeds, default 0) on the stratified
+45,000/5,000 split, each run in its own process through `imagerec.train.train`. With one seed, a
+difference smaller than the seed spread in benchmarks/results/train_cifar10.md is not a finding.
+Runs whose metrics.json exists in --work are reused unless --fresh is given.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def report(args, runs) -> str:
         "spread in benchmarks/results/train_cifar10.md (3 seeds at 30 epochs: ± 0.3 points "
         "without TTA, ± 0.1 with flip TTA) is the scale of noise for a single run.",
         "",
-        "| variant | change | runs | mean epoch (s) | val acc | flip TTA | against the recipe |",
+        "| variant | change | runs | mean epoch (s) | val acc | flip TTA "
+        "| against the recipe (val acc / flip TTA) |",
         "|---|---|---|---|---|---|---|",
     ]
     means = {}
