@@ -174,12 +174,15 @@ def report(args, runs) -> str:
         "| against the recipe (val acc / flip TTA) |",
         "|---|---|---|---|---|---|---|",
     ]
-    means = {}
+    means = {}  # variant: (val acc, flip TTA, epoch seconds, runs), each a mean over its seeds
     for name in args.variants:
         metrics = [m for variant, _, m in runs if variant == name]
-        means[name] = [
-            statistics.mean(m[key] for m in metrics) for key in ("val_accuracy", "val_accuracy_tta")
-        ] + [statistics.mean(statistics.mean(m["epoch_times_s"]) for m in metrics), len(metrics)]
+        means[name] = (
+            statistics.mean(m["val_accuracy"] for m in metrics),
+            statistics.mean(m["val_accuracy_tta"] for m in metrics),
+            statistics.mean(statistics.mean(m["epoch_times_s"]) for m in metrics),
+            len(metrics),
+        )
     base = means.get("recipe")
     for name, (plain, tta, epoch, count) in means.items():
         delta = ""
