@@ -113,12 +113,46 @@ def test_fused_norm_model_has_the_plain_models_weights():
     assert np.allclose(plain(images, training=False), fused(images, training=False), atol=1e-6)
 
 
-def test_residual_false_drops_only_the_residual_adds():
-    with_adds, without = resnet_small(10), resnet_small(10, residual=False)
-    assert [w.shape for w in with_adds.weights] == [w.shape for w in without.weights]
-    adds = [layer.name for layer in with_adds.layers if isinstance(layer, keras.layers.Add)]
-    assert adds == ["group1_residual", "group2_residual", "group3_residual"]
-    assert not any(isinstance(layer, keras.layers.Add) for layer in without.layers)
+def test_shortcuts_change_only_the_adds_and_the_initial_kernels():
+    models = {name: resnet_small(10, shortcut=name) for name in ("identity-init", "add", "none")}
+    shapes = {name: [w.shape for w in m.weights] for name, m in models.items()}
+    assert shapes["identity-init"] == shapes["add"] == shapes["none"]
+    adds = {
+        name: [layer.name for layer in m.layers if isinstance(layer, keras.layers.Add)]
+        for name, m in models.items()
+    }
+    assert adds == {
+        "identity-init": [],
+        "add": ["group1_residual", "group2_residual", "group3_residual"],
+        "none": [],
+    }
+    with pytest.raises(ValueError, match="unknown shortcut"):
+        resnet_small(10, shortcut="dense")
+
+
+def test_identity_init_passes_each_input_channel_through_its_own_filter():
+    model = resnet_small(10)  # the default shortcut is identity-init
+    for name, channels_in, channels_out in [
+        ("group1_conv1", 24, 64),
+        ("group1_conv2", 64, 64),
+        ("group2_conv1", 64, 256),
+        ("group3_conv2", 256, 256),
+    ]:
+        kernel = model.get_layer(name).kernel.numpy()
+        assert kernel.shape == (3, 3, channels_in, channels_out)
+        n = min(channels_in, channels_out)
+        identity = np.zeros((3, 3, channels_in, n), np.float32)
+        identity[1, 1, np.arange(n), np.arange(n)] = 1
+        assert np.array_equal(kernel[..., :n], identity)
+        # The filters beyond the identity keep their random start.
+        assert kernel[..., n:].size == 0 or np.abs(kernel[..., n:]).mean() > 1e-3
+    # Applied as a layer, such a conv returns its input on the identity channels.
+    layer = model.get_layer("group2_conv1")
+    x = np.random.default_rng(0).normal(size=(1, 8, 8, 64)).astype(np.float32)
+    assert np.allclose(layer(x).numpy()[..., :64], x, atol=1e-6)
+    # Without it, no filter is an identity: the kernels are Keras' random ones.
+    plain = resnet_small(10, shortcut="add").get_layer("group1_conv2").kernel.numpy()
+    assert not np.allclose(plain[1, 1, np.arange(64), np.arange(64)], 1)
 
 
 def test_build_model_rejects_unknown_architecture():
