@@ -24,8 +24,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from imagerec.train import TrainConfig
 from machine import cpu_description
 
@@ -48,13 +46,12 @@ VARIANTS = {
         {"lookahead": False},
         None,
     ),
-    "no-residual": ("no residual adds in the conv groups", {}, "no-residual"),
-    "dirac": (
-        "no residual adds; instead each conv starts as an identity on its input channels "
-        "(airbench94's implicit residual)",
+    "residual-adds": (
+        "Page's residual add in each conv group instead of identity-initialised convs",
         {},
-        "dirac",
+        "add",
     ),
+    "no-shortcut": ("neither residual adds nor identity-initialised convs", {}, "none"),
     "gelu": ("GELU instead of ReLU everywhere (airbench94's activation)", {}, "gelu"),
     "float32": (
         "float32 compute instead of bfloat16 on the CPU's AMX units",
@@ -117,10 +114,10 @@ def change_model(change: str) -> None:
     """Replace the model functions that imagerec.train looks up when it builds the model."""
     from imagerec import models
 
-    build, set_whitening = models.resnet_small, models.init_whitening
+    build = models.resnet_small
 
-    def without_residual(*args, **kwargs):
-        return build(*args, **kwargs, residual=False)
+    def with_shortcut(*args, **kwargs):
+        return build(*args, **kwargs, shortcut=change)
 
     def with_gelu(*args, **kwargs):
         return build(*args, **kwargs, activation="gelu")
@@ -128,31 +125,12 @@ def change_model(change: str) -> None:
     def trainable_whitening(model, images, mean, std):
         model.get_layer("whiten").trainable = True  # set before compiling, so it trains
 
-    def whitening_and_dirac(model, images, mean, std):
-        set_whitening(model, images, mean, std)
-        dirac_init(model)
-
-    if change in ("no-residual", "dirac"):
-        models.resnet_small = without_residual
+    if change in models.SHORTCUTS:
+        models.resnet_small = with_shortcut
     if change == "gelu":
         models.resnet_small = with_gelu
     if change == "trainable-whitening":
         models.init_whitening = trainable_whitening
-    if change == "dirac":
-        models.init_whitening = whitening_and_dirac
-
-
-def dirac_init(model) -> None:
-    """Set the first `in` filters of each 3x3 conv to pass their input channel through
-    (airbench94's Conv.reset_parameters); the other filters keep their initialisation."""
-    for layer in model.layers:
-        if layer.name.startswith("group") and "conv" in layer.name:
-            kernel = np.array(layer.kernel.numpy())
-            k, _, channels_in, channels_out = kernel.shape
-            n = min(channels_in, channels_out)
-            kernel[:, :, :, :n] = 0
-            kernel[k // 2, k // 2, np.arange(n), np.arange(n)] = 1
-            layer.kernel.assign(kernel)
 
 
 def report(args, runs) -> str:
@@ -167,8 +145,8 @@ def report(args, runs) -> str:
         "",
         f"Each run: `imagerec train` defaults with one change, {args.epochs} epochs, seed(s) "
         f"{seeds}, the stratified 45,000/5,000 split of the shared JPEG (q75) images. The seed "
-        "spread in benchmarks/results/train_cifar10.md (3 seeds at 30 epochs: ± 0.3 points "
-        "without TTA, ± 0.1 with flip TTA) is the scale of noise for a single run.",
+        "spread (below with several seeds; benchmarks/results/train_cifar10.md at 30 epochs) "
+        "is the scale of noise for a single run.",
         "",
         "| variant | change | runs | mean epoch (s) | val acc | flip TTA "
         "| against the recipe (val acc / flip TTA) |",
