@@ -125,8 +125,9 @@ def resnet_small(
     groups with max-pool and batch norm, then global max-pooling and a linear classifier.
     `fused_norm`: train with FusedBatchNormalization. `shortcut`: how a group carries its
     input forward: "identity-init" (airbench94: each conv starts as an identity, see
-    `identity_init`; +0.76 points with flip TTA over Page's adds, benchmarks/results/
-    ablate_cifar10_seeds.md), "add" (Page's ResNet-9: a residual add per group) or "none".
+    `identity_init`; over Page's adds, 3 seeds with flip TTA: +0.8 points at 10 epochs,
+    benchmarks/results/ablate_cifar10_seeds.md, and +0.4 at 30), "add" (Page's ResNet-9: a
+    residual add per group) or "none".
     """
     if shortcut not in SHORTCUTS:
         raise ValueError(f"unknown shortcut {shortcut!r}; choose from {', '.join(SHORTCUTS)}")
