@@ -150,7 +150,7 @@ def test_identity_init_passes_each_input_channel_through_its_own_filter():
     layer = model.get_layer("group2_conv1")
     x = np.random.default_rng(0).normal(size=(1, 8, 8, 64)).astype(np.float32)
     assert np.allclose(layer(x).numpy()[..., :64], x, atol=1e-6)
-    # Without it, no filter is an identity: the kernels are Keras' random ones.
+    # Without it the centre taps are Keras' random values, not an identity.
     plain = resnet_small(10, shortcut="add").get_layer("group1_conv2").kernel.numpy()
     assert not np.allclose(plain[1, 1, np.arange(64), np.arange(64)], 1)
 
