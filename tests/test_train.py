@@ -199,3 +199,36 @@ def test_without_a_validation_split_the_fit_on_training_images_is_recorded_as_su
     assert sum(map(sum, metrics["confusion_matrix"])) == 80
     assert (out / "confusion.png").read_bytes().startswith(b"\x89PNG")
     verify_bundle(out)
+
+
+def test_widths_set_the_conv_groups_of_the_saved_model(tmp_path, capsys):
+    out = tmp_path / "narrow"
+    args = ["--epochs", "1", "--batch-size", "16", "--widths", "8,16"]
+    assert main(["train", "--data", str(DATA), "--out", str(out), *args]) == 0
+    model = Bundle.load(out).model
+    convs = {
+        layer.name: layer.filters
+        for layer in model.layers
+        if layer.name.startswith("group") and "_conv" in layer.name
+    }
+    assert convs == {"group1_conv1": 8, "group1_conv2": 8, "group2_conv1": 16, "group2_conv2": 16}
+    assert json.loads((out / "metrics.json").read_text())["config"]["widths"] == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "widths, message",
+    [
+        ("64,x", "not a comma-separated list of integers"),
+        ("64,0,256", "positive widths"),
+        ("8,8,8,8,8", "5 groups do not fit 32 pixels"),
+    ],
+)
+def test_bad_widths_fail_before_training_with_a_message(tmp_path, capsys, widths, message):
+    out = tmp_path / "model"
+    try:
+        code = main(["train", "--data", str(DATA), "--out", str(out), "--widths", widths])
+    except SystemExit as exit:  # argparse's usage error
+        code = exit.code
+    assert code not in (0, None)
+    assert message in capsys.readouterr().err
+    assert not out.exists()

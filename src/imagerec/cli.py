@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument(
+        "--widths",
+        type=_widths,
+        default=None,
+        metavar="W1,W2,...",
+        help="resnet-small's conv group widths (default 64,256,256)",
+    )
+    train.add_argument(
         "--val-split",
         type=float,
         default=None,
@@ -115,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        message = f"{text!r} is not a comma-separated list of integers"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def cmd_train(args) -> int:
     from imagerec.train import TrainConfig, train
 
@@ -126,6 +141,7 @@ def cmd_train(args) -> int:
         "val_split": args.val_split,
         "image_size": args.image_size,
         "tta": args.tta,
+        "widths": args.widths,
     }
     config = TrainConfig(
         seed=args.seed,

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     arch: str = "resnet-small"
+    widths: tuple[int, ...] = (64, 256, 256)  # resnet-small's conv groups, 2x2 pooled each
     epochs: int = 30  # accuracy against epochs: benchmarks/results/train_cifar10.md
     batch_size: int = 1024  # images per step (airbench94)
     val_split: float = 0.1  # fraction held out, stratified; 0 trains on everything
@@ -116,6 +117,17 @@ def _check_config(config: TrainConfig) -> None:
         raise ImagerecError("--val-split must be in [0, 1)", code="usage")
     if config.image_size is not None and config.image_size < 8:
         raise ImagerecError("--image-size must be at least 8", code="usage")
+    if config.arch == "resnet-small":
+        side = min(config.resolved_image_size()) - 1  # after the 2x2 whitening
+        for _ in config.widths:
+            side //= 2
+        if not config.widths or min(config.widths) < 1 or side < 1:
+            raise ImagerecError(
+                "--widths needs one or more positive widths, and each conv group halves the "
+                f"image: {len(config.widths)} groups do not fit {config.resolved_image_size()[0]}"
+                " pixels",
+                code="usage",
+            )
 
 
 def use_bfloat16(precision: str) -> bool:
@@ -436,7 +448,7 @@ def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: st
 
     # Serve in float32: portable to CPUs without bfloat16 and exact; weights are float32 anyway.
     with _dtype_policy("float32"):
-        final = build_model(config.arch, num_classes, size, mean, std)
+        final = build_model(config.arch, num_classes, size, mean, std, **_arch_options(config))
     final.set_weights(model.get_weights())
     wall_time = time.perf_counter() - started
     epochs_log = _read_history(history_csv)
@@ -479,7 +491,10 @@ def compiled_model(
     from imagerec.models import build_model, init_whitening
 
     if config.arch == "resnet-small":
-        model = build_model(config.arch, num_classes, size, mean, std, fused_norm=fused_norm)
+        options = _arch_options(config)
+        model = build_model(
+            config.arch, num_classes, size, mean, std, fused_norm=fused_norm, **options
+        )
         init_whitening(model, sample, mean, std)
     else:
         model = build_model(config.arch, num_classes, size, mean, std)
@@ -499,6 +514,10 @@ def compiled_model(
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     return model
+
+
+def _arch_options(config: TrainConfig) -> dict:
+    return {"widths": tuple(config.widths)} if config.arch == "resnet-small" else {}
 
 
 def _keras_schedule(schedule: WarmupLinearDecay):
