@@ -53,10 +53,20 @@ VARIANTS = {
     ),
     "no-shortcut": ("neither residual adds nor identity-initialised convs", {}, "none"),
     "gelu": ("GELU instead of ReLU everywhere (airbench94's activation)", {}, "gelu"),
+    "wide": (
+        "conv groups 128/384/384 wide instead of 64/256/256 (airbench95's widths)",
+        {"widths": (128, 384, 384)},
+        None,
+    ),
     "float32": (
         "float32 compute instead of bfloat16 on the CPU's AMX units",
         {"precision": "float32"},
         None,
+    ),
+    "float32-gelu": (
+        "float32 compute and GELU: airbench94's arithmetic and activation together",
+        {"precision": "float32"},
+        "gelu",
     ),
 }
 
