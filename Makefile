@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format train-cifar10 ablate-cifar10 profile-train bench-serve clean
+.PHONY: run test lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "imagerec needs Python 3.10, 3.11 or 3.12 on PATH" >&2; exit 1; }
@@ -36,6 +36,10 @@ train-cifar10: $(STAMP)
 
 ablate-cifar10: $(STAMP)
 	$(BIN)/python benchmarks/ablate_cifar10.py --data $(DATA)
+
+# DATA must be an image folder here: the images are encoded again at lower qualities.
+jpeg-quality: $(STAMP)
+	$(BIN)/python benchmarks/jpeg_quality.py --data $(DATA)
 
 profile-train: $(STAMP)
 	$(BIN)/python benchmarks/profile_train.py
