@@ -201,7 +201,7 @@ def test_without_a_validation_split_the_fit_on_training_images_is_recorded_as_su
     verify_bundle(out)
 
 
-def test_widths_set_the_conv_groups_of_the_saved_model(tmp_path, capsys):
+def test_widths_set_the_conv_groups_of_the_saved_model(tmp_path):
     out = tmp_path / "narrow"
     args = ["--epochs", "1", "--batch-size", "16", "--widths", "8,16"]
     assert main(["train", "--data", str(DATA), "--out", str(out), *args]) == 0
@@ -219,7 +219,7 @@ def test_widths_set_the_conv_groups_of_the_saved_model(tmp_path, capsys):
     "widths, message",
     [
         ("64,x", "not a comma-separated list of integers"),
-        ("64,0,256", "positive widths"),
+        ("64,0,256", "needs one or more positive widths"),
         ("8,8,8,8,8", "5 groups do not fit 32 pixels"),
     ],
 )

@@ -118,14 +118,15 @@ def _check_config(config: TrainConfig) -> None:
     if config.image_size is not None and config.image_size < 8:
         raise ImagerecError("--image-size must be at least 8", code="usage")
     if config.arch == "resnet-small":
+        if not config.widths or min(config.widths) < 1:
+            raise ImagerecError("--widths needs one or more positive widths", code="usage")
         side = min(config.resolved_image_size()) - 1  # after the 2x2 whitening
         for _ in config.widths:
             side //= 2
-        if not config.widths or min(config.widths) < 1 or side < 1:
+        if side < 1:
             raise ImagerecError(
-                "--widths needs one or more positive widths, and each conv group halves the "
-                f"image: {len(config.widths)} groups do not fit {config.resolved_image_size()[0]}"
-                " pixels",
+                f"--widths: each conv group halves the image, and {len(config.widths)} groups "
+                f"do not fit {min(config.resolved_image_size())} pixels",
                 code="usage",
             )
 
