@@ -1,15 +1,24 @@
-# The two commands of the README: `make run` and `make test`. Both build .venv first.
-PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do \
-	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' 2>/dev/null && echo $$p && break; done)
-VENV := .venv
+# The two commands of the README: `make run` and `make test`. Both build the virtual environment
+# first. PYTHON is the newest supported interpreter on PATH that runs (a pyenv shim for a version
+# that is not enabled does not); `make test PYTHON=python3.11` picks another, and .venv is made
+# anew when its Python is not that one.
+SUPPORTED := (3, 11) <= sys.version_info[:2] <= (3, 13)
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(not ($(SUPPORTED)))' 2>/dev/null && echo $$p && break; done)
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(PYVER)
+NEEDS := imagerec needs Python 3.11, 3.12 or 3.13 (3.14 waits for TensorFlow, whose 3.14 wheels are only a release candidate)
 
-.PHONY: run test lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve clean
+.PHONY: run test wheel print-python lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve clean
 
 $(STAMP): pyproject.toml
-	@test -n "$(PYTHON)" || { echo "imagerec needs Python 3.10, 3.11 or 3.12 on PATH" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "$(NEEDS): none of them is on PATH" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(not ($(SUPPORTED)))' 2>/dev/null || \
+		{ echo "$(NEEDS); $(PYTHON) is $(or $(PYVER),not runnable)" >&2; exit 1; }
+	@[ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = \
+		"$(PYVER)" ] || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
@@ -18,16 +27,24 @@ run: $(STAMP)
 	$(BIN)/imagerec serve
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks setup.py
+	$(BIN)/ruff format --check src tests benchmarks setup.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The interpreter that .venv is made with (for .ci/run).
+print-python:
+	@echo $(PYTHON)
+
+# dist/imagerec-VERSION-py3-none-any.whl, with the bundled model inside (setup.py).
+wheel: $(STAMP)
+	$(BIN)/python -m build --wheel --outdir dist .
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks setup.py
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks setup.py
+	$(BIN)/ruff check --fix src tests benchmarks setup.py
 
 # DATA: 'cifar10' (downloads) or a folder such as the extracted shared JPEG images.
 DATA ?= cifar10
@@ -48,4 +65,4 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-* .pytest_cache .ruff_cache build dist

@@ -1,16 +1,25 @@
-"""Every workaround that hug 2.6.1 needs, in one place. Import hug and falcon from here:
+"""What hug still needs from us, in one place. Import hug and falcon from here:
 `from imagerec.hugcompat import falcon, hug`.
 
-hug 2.6.1 (2020) is hug's last release, and it pins falcon 2.0.0:
+imagerec runs on hug-upgraded 2.8.0 (2026), the maintained fork of hug: the same `hug` module,
+still on falcon 2.0.0. It was chosen over hug 2.6.1 (2020, hug's last release) with workarounds
+of our own, because the fork fixes at its source what 2.6.1 breaks on today's Pythons and NumPy:
 
-- hug/output_format.py registers a JSON converter for `numpy.unicode_`, which NumPy 2 removed,
-  so `import hug` fails. The alias exists only while hug is imported, then is taken away again.
-- hug/format.py, hug/input_format.py and falcon 2.0.0 import the `cgi` module, deprecated in
-  Python 3.11 and removed in 3.13. Where it is missing, a small stand-in with the two functions
-  they use (`parse_header`, `parse_multipart`) is installed; where it exists, its deprecation
-  warning is silenced for that import only.
-- hug's multipart input format goes through `cgi.parse_multipart`, which drops file names.
-  `multipart_form` replaces it; `install_input_formats` registers it on an API.
+- 2.6.1 registers a JSON converter for `numpy.unicode_`, which NumPy 2 removed, so `import hug`
+  fails; the fork converts `numpy.str_`.
+- 2.6.1 imports `distutils` (api.py, types.py), gone from the standard library since 3.12: it
+  imported only through the shim that setuptools happens to install. The fork does without.
+- hug 2.6.1 and falcon 2.0.0 import `cgi`, removed in 3.13; the fork depends on `legacy-cgi`
+  (the removed module, packaged) on 3.13 and later, which serves falcon 2.0.0's import too.
+- 2.6.1 keeps a request/response middleware's generator on the router, shared by every
+  request in flight; the fork keeps it on the request.
+
+What the fork still leaves to us, and this module does:
+
+- hug's multipart input format still goes through `cgi.parse_multipart`, which drops file
+  names. `multipart_form` replaces it; `install_input_formats` registers it on an API.
+- falcon stays at 2.0.0 (hug pins it), whose `cgi` import warns on 3.11 and 3.12: that
+  deprecation warning is silenced for the import only.
 """
 
 from __future__ import annotations
@@ -20,8 +29,6 @@ import types
 import warnings
 from dataclasses import dataclass
 from email.message import Message
-
-import numpy
 
 from imagerec.errors import InvalidInput
 
@@ -33,15 +40,6 @@ class FilePart:
     data: bytes
     filename: str | None = None
     content_type: str | None = None
-
-
-def parse_header(line: str) -> tuple[str, dict[str, str]]:
-    """`cgi.parse_header`: 'text/html; charset=utf-8' -> ('text/html', {'charset': 'utf-8'})."""
-    message = Message()
-    message["content-type"] = line
-    params = message.get_params(header="content-type") or [("", "")]
-    main = line.split(";", 1)[0].strip().lower()
-    return main, {key.lower(): value for key, value in params[1:]}
 
 
 def parse_multipart_bytes(body: bytes, boundary: str | bytes) -> list[tuple[str, str | FilePart]]:
@@ -91,47 +89,16 @@ def multipart_form(body, boundary: str = "", **_params) -> dict:
     return {name: values[0] if len(values) == 1 else values for name, values in form.items()}
 
 
-def _cgi_parse_multipart(fp, pdict, **_kwargs) -> dict[str, list]:
-    """`cgi.parse_multipart` for the stand-in module: file contents as bytes, fields as str."""
-    boundary = pdict.get("boundary", b"")
-    form: dict[str, list] = {}
-    for name, value in parse_multipart_bytes(fp.read(), boundary):
-        form.setdefault(name, []).append(value.data if isinstance(value, FilePart) else value)
-    return form
-
-
-def make_cgi_standin() -> types.ModuleType:
-    """A module with the parts of the removed `cgi` module that hug and falcon 2.0.0 call."""
-    module = types.ModuleType("cgi", "imagerec stand-in for the cgi module removed in Python 3.13")
-    module.parse_header = parse_header
-    module.parse_multipart = _cgi_parse_multipart
-    return module
-
-
 def _import_hug() -> types.ModuleType:
-    if "hug" in sys.modules:
-        return sys.modules["hug"]
     with warnings.catch_warnings():
+        # 3.11 and 3.12 still ship `cgi` and warn that it is going; hug and falcon import it.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*cgi.*")
-        try:
-            import cgi  # noqa: F401  (deprecated in 3.11, gone in 3.13)
-        except ImportError:
-            sys.modules["cgi"] = make_cgi_standin()
-    had_unicode = "unicode_" in numpy.__dict__
-    if not had_unicode:
-        numpy.unicode_ = numpy.str_
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*cgi.*")
-            import hug as hug_module
-    finally:
-        if not had_unicode:
-            del numpy.unicode_
+        import hug as hug_module
     return hug_module
 
 
 hug = _import_hug()
-falcon = sys.modules["falcon"]  # imported by hug, after the cgi stand-in went in
+falcon = sys.modules["falcon"]  # hug imports falcon
 
 
 def install_input_formats(api: hug.API) -> None:
