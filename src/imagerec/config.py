@@ -9,9 +9,10 @@ from pathlib import Path
 
 from imagerec.errors import InvalidInput
 
-# The repository's bundled model; an installed package falls back to the working directory.
-_REPO_MODEL = Path(__file__).resolve().parents[2] / "models" / "cifar10"
-DEFAULT_MODEL = _REPO_MODEL if _REPO_MODEL.is_dir() else Path("models/cifar10")
+# The bundled model: inside an installed wheel (setup.py puts it there), else in the checkout.
+_WHEEL_MODEL = Path(__file__).resolve().parent / "bundled" / "cifar10"
+_CHECKOUT_MODEL = Path(__file__).resolve().parents[2] / "models" / "cifar10"
+DEFAULT_MODEL = _WHEEL_MODEL if _WHEEL_MODEL.is_dir() else _CHECKOUT_MODEL
 
 
 def _default_cache() -> Path:
