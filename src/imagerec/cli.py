@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 from imagerec.config import Settings
@@ -23,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info and warnings
     try:
+        if args.tensorflow:
+            import_tensorflow(quiet=not args.verbose)
         return args.handler(args) or 0
     except ImagerecError as exc:
         print(f"imagerec: error: {exc.message}", file=sys.stderr)
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imagerec", description="Train image classifiers and serve them over HTTP."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(tensorflow=True)  # every command so far runs a Keras model
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model and write a bundle")
@@ -120,6 +126,56 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None)
     serve.set_defaults(handler=cmd_serve)
     return parser
+
+
+# A native log line: severity letter, MMDD, time (absl's and glog's prefix).
+_NATIVE_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d")
+_SEVERITIES = "IWEF"
+_ABSL_BANNER = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+)
+
+
+def import_tensorflow(quiet: bool = True) -> None:
+    """Import TensorFlow once, with its start-up chatter held to TF_CPP_MIN_LOG_LEVEL.
+
+    TensorFlow's libraries log through absl before they have read TF_CPP_MIN_LOG_LEVEL, so its
+    "oneDNN custom operations are on" notice and absl's banner above it reach the terminal
+    whatever the setting says. The import writes to a file instead of file descriptor 2, and
+    whatever the setting allows (any error, any Python warning) is written to stderr after it.
+    """
+    if not quiet or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            kept = native_lines_to_show(text, os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+            sys.stderr.write(kept)
+
+
+def native_lines_to_show(text: str, min_level: str) -> str:
+    """The lines of `text` that TF_CPP_MIN_LOG_LEVEL=min_level lets through (others: all)."""
+    level = int(min_level) if min_level.isdigit() else 0
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if level > 0 and line.rstrip("\n") == _ABSL_BANNER:
+            continue
+        match = _NATIVE_LOG_LINE.match(line)
+        if match and _SEVERITIES.index(match.group(1)) < level:
+            continue
+        kept.append(line)
+    return "".join(kept)
 
 
 def _widths(text: str) -> tuple[int, ...]:

@@ -441,6 +441,7 @@ def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: st
         steps_per_epoch=None if streaming else steps_per_epoch,
         validation_data=validation,
         callbacks=callbacks,
+        shuffle=False,  # the batches come shuffled; Keras warns that it cannot shuffle a dataset
         verbose=verbose,
     )
     resumed_at = history.epoch[0] if history.epoch else config.epochs
