@@ -2,6 +2,7 @@
 
 models/NAME/
     model.keras        Keras model, uint8-valued RGB pixels in, class probabilities out
+    model.onnx, model-int8.onnx   (optional, `imagerec export`) the same model for ONNX Runtime
     labels.json        class names, index order
     preprocess.json    input size, colour order, mean/std, resize method, test-time augmentation
     metrics.json       validation accuracy, per-class accuracy, epochs, wall time, versions
@@ -63,7 +64,7 @@ class Preprocess:
 @dataclass
 class Bundle:
     path: Path
-    model: Any  # keras.Model
+    model: Any  # keras.Model, or None until load_keras_model (the ONNX engines need none)
     labels: list[str]
     preprocess: Preprocess
     metrics: dict
@@ -74,8 +75,9 @@ class Bundle:
         return self.path.name
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Bundle:
-        """Verify the manifest, then load the model with Keras safe_mode on."""
+    def load(cls, path: str | os.PathLike, keras_model: bool = True) -> Bundle:
+        """Verify the manifest, read the metadata, then (unless `keras_model` is False) load the
+        Keras model with safe_mode on. Without it, TensorFlow is not imported."""
         path = Path(path)
         version = verify_bundle(path)
         labels = _read_json(path / "labels.json")
@@ -83,17 +85,34 @@ class Bundle:
         metrics = _read_json(path / "metrics.json")
         if not isinstance(labels, list) or len(labels) < 2:
             raise BundleError(f"{path}/labels.json must list at least two class names")
+        bundle = cls(path, None, labels, preprocess, metrics, version)
+        if keras_model:
+            bundle.load_keras_model()
+        return bundle
 
+    def load_keras_model(self) -> Any:
+        """The Keras model, loaded (once) with safe_mode on."""
+        if self.model is not None:
+            return self.model
         import keras  # deferred: importing TensorFlow takes seconds
 
         try:
-            model = keras.models.load_model(path / "model.keras", compile=False, safe_mode=True)
+            model = keras.models.load_model(
+                self.path / "model.keras", compile=False, safe_mode=True
+            )
         except Exception as exc:  # Keras raises many types for a bad archive
-            raise BundleError(f"{path}/model.keras could not be loaded: {exc}") from None
+            raise BundleError(f"{self.path}/model.keras could not be loaded: {exc}") from None
         outputs = model.output_shape[-1]
-        if outputs != len(labels):
-            raise BundleError(f"{path}: the model has {outputs} outputs but {len(labels)} labels")
-        return cls(path, model, labels, preprocess, metrics, version)
+        if outputs != len(self.labels):
+            raise BundleError(
+                f"{self.path}: the model has {outputs} outputs but {len(self.labels)} labels"
+            )
+        self.model = model
+        return model
+
+    def has_file(self, name: str) -> bool:
+        """Whether the bundle holds `name` (the manifest was verified when it was loaded)."""
+        return (self.path / name).is_file()
 
 
 def _read_json(path: Path) -> Any:
@@ -167,21 +186,45 @@ def write_bundle(
         files = {
             "labels.json": json.dumps(list(labels), indent=1),
             "preprocess.json": json.dumps(preprocess.to_dict(), indent=1),
-            "metrics.json": json.dumps(metrics, indent=1, sort_keys=True),
         }
         for name, text in files.items():
             (tmp / name).write_text(text + "\n")
-        for name, data in (artifacts or {}).items():
-            (tmp / name).write_bytes(data)
-        names = sorted(p.name for p in tmp.iterdir())
-        manifest = "".join(f"{sha256_file(tmp / n)}  {n}\n" for n in names)
-        (tmp / MANIFEST).write_text(manifest)
-        _fsync_tree(tmp)
-        _swap_into_place(tmp, out)
+        _seal_into_place(tmp, out, metrics, artifacts or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def add_to_bundle(path: str | os.PathLike, files: dict[str, bytes], metrics: dict) -> str:
+    """Add (or replace) `files` in a verified bundle and replace its metrics.json, atomically as
+    write_bundle does: the bundle is copied, changed and renamed into place. Returns the new
+    version."""
+    path = Path(path)
+    verify_bundle(path)
+    if MANIFEST in files or any(name in REQUIRED_FILES for name in files):
+        raise BundleError(f"add_to_bundle adds files; it does not replace {', '.join(files)}")
+    _remove_stale_leftovers(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        shutil.copytree(path, tmp, ignore=shutil.ignore_patterns(MANIFEST, "metrics.json"))
+        _seal_into_place(tmp, path, metrics, files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return verify_bundle(path)
+
+
+def _seal_into_place(tmp: Path, out: Path, metrics: dict, files: dict[str, bytes]) -> None:
+    """Write metrics.json and `files` into `tmp`, then its manifest; sync; rename it to `out`."""
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    names = sorted(p.name for p in tmp.iterdir())
+    manifest = "".join(f"{sha256_file(tmp / n)}  {n}\n" for n in names)
+    (tmp / MANIFEST).write_text(manifest)
+    _fsync_tree(tmp)
+    _swap_into_place(tmp, out)
 
 
 def _remove_stale_leftovers(out: Path) -> None:

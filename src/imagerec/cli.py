@@ -7,13 +7,12 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
-import tempfile
 from pathlib import Path
 
 from imagerec.config import Settings
 from imagerec.errors import ImagerecError
+from imagerec.tfimport import import_tensorflow
 
 log = logging.getLogger("imagerec")
 
@@ -27,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info and warnings
+        logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # a line per conversion step
     try:
         if args.tensorflow:
-            import_tensorflow(quiet=not args.verbose)
+            import_tensorflow()
         return args.handler(args) or 0
     except ImagerecError as exc:
         print(f"imagerec: error: {exc.message}", file=sys.stderr)
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imagerec", description="Train image classifiers and serve them over HTTP."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.set_defaults(tensorflow=True)  # every command so far runs a Keras model
+    # Commands that always run a Keras model import TensorFlow first; the others import it only
+    # if the engine they pick is TensorFlow's.
+    parser.set_defaults(tensorflow=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model and write a bundle")
@@ -93,7 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test-time augmentation stored in the bundle (default flip)",
     )
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, tensorflow=True)
+
+    export = commands.add_parser(
+        "export", help="add ONNX models (float32, and int8 with --int8) to a bundle"
+    )
+    export.add_argument("bundle", type=Path)
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument(
+        "--int8", action="store_true", help="also a statically quantised int8 model (needs --data)"
+    )
+    export.add_argument(
+        "--data",
+        default=None,
+        help="the training data (as for train): calibration images, and the validation split "
+        "that each engine's accuracy is measured on",
+    )
+    export.add_argument(
+        "--int8-only",
+        action="store_true",
+        help="add only model-int8.onnx (the float32 ONNX model is made as its input, then left "
+        "out): a smaller bundle",
+    )
+    export.add_argument("--cache-dir", type=Path, default=None)
+    export.set_defaults(handler=cmd_export, tensorflow=True)
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a bundle on a labelled dataset")
     evaluate.add_argument("bundle", type=Path)
@@ -106,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.add_argument("--cache-dir", type=Path, default=None)
+    evaluate.add_argument(
+        "--engine",
+        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
+        default=None,
+        help="the engine that runs the model (default IMAGEREC_ENGINE, else auto: the fastest "
+        "the bundle holds within 0.2 point of TensorFlow's accuracy)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="top-k labels for image files")
@@ -117,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("-k", "--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.add_argument(
+        "--engine",
+        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
+        default=None,
+        help="the engine that runs the model (default IMAGEREC_ENGINE, else auto: the fastest "
+        "the bundle holds within 0.2 point of TensorFlow's accuracy)",
+    )
     predict.set_defaults(handler=cmd_predict)
 
     serve = commands.add_parser("serve", help="serve a bundle over HTTP")
@@ -124,58 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument(
+        "--front",
+        choices=["granian", "waitress"],
+        default=None,
+        help="the HTTP server (default IMAGEREC_FRONT, else granian)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
+        default=None,
+        help="the engine that runs the model (default IMAGEREC_ENGINE, else auto: the fastest "
+        "the bundle holds within 0.2 point of TensorFlow's accuracy)",
+    )
     serve.set_defaults(handler=cmd_serve)
     return parser
-
-
-# A native log line: severity letter, MMDD, time (absl's and glog's prefix).
-_NATIVE_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d")
-_SEVERITIES = "IWEF"
-_ABSL_BANNER = (
-    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-)
-
-
-def import_tensorflow(quiet: bool = True) -> None:
-    """Import TensorFlow once, with its start-up chatter held to TF_CPP_MIN_LOG_LEVEL.
-
-    TensorFlow's libraries log through absl before they have read TF_CPP_MIN_LOG_LEVEL, so its
-    "oneDNN custom operations are on" notice and absl's banner above it reach the terminal
-    whatever the setting says. The import writes to a file instead of file descriptor 2, and
-    whatever the setting allows (any error, any Python warning) is written to stderr after it.
-    """
-    if not quiet or "tensorflow" in sys.modules:
-        import tensorflow  # noqa: F401
-
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", "replace")
-            kept = native_lines_to_show(text, os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-            sys.stderr.write(kept)
-
-
-def native_lines_to_show(text: str, min_level: str) -> str:
-    """The lines of `text` that TF_CPP_MIN_LOG_LEVEL=min_level lets through (others: all)."""
-    level = int(min_level) if min_level.isdigit() else 0
-    kept = []
-    for line in text.splitlines(keepends=True):
-        if level > 0 and line.rstrip("\n") == _ABSL_BANNER:
-            continue
-        match = _NATIVE_LOG_LINE.match(line)
-        if match and _SEVERITIES.index(match.group(1)) < level:
-            continue
-        kept.append(line)
-    return "".join(kept)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -221,18 +223,48 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from imagerec.bundle import Bundle
+    from imagerec.export import export_bundle, images_for_export
+
+    if (args.int8 or args.int8_only) and args.data is None:
+        raise ImagerecError(
+            "--int8 needs --data: the training images to calibrate on", code="usage"
+        )
+    settings = Settings.from_env(cache_dir=args.cache_dir)
+    calibration = evaluation = None
+    if args.data is not None:
+        bundle = Bundle.load(args.bundle, keras_model=False)
+        calibration, evaluation = images_for_export(bundle, args.data, settings.cache_dir)
+    record = export_bundle(args.bundle, args.int8, calibration, evaluation, args.int8_only)
+    print(f"wrote {', '.join(r['file'] for n, r in record.items() if n != 'tensorflow')}")
+    for name, entry in record.items():
+        if "accuracy" in entry:
+            where = entry["evaluated_on"]
+            print(
+                f"  {name:<11} accuracy {entry['accuracy']:.4f}, top-1 agreement with tensorflow "
+                f"{entry['agreement_with_tensorflow']:.4f} ({where['images']} images: "
+                f"{where['source']})"
+            )
+    if evaluation is None:
+        print("  no accuracy recorded (no --data): `auto` will keep to tensorflow")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from imagerec.evaluate import evaluate_bundle
 
-    settings = Settings.from_env(cache_dir=args.cache_dir)
+    settings = Settings.from_env(cache_dir=args.cache_dir, engine=args.engine)
     confusion = args.confusion or Path("confusion-eval.png")
-    report = evaluate_bundle(args.bundle, args.data, confusion, cache_dir=settings.cache_dir)
+    report = evaluate_bundle(
+        args.bundle, args.data, confusion, cache_dir=settings.cache_dir, engine=settings.engine
+    )
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(
         f"accuracy {report['accuracy']:.4f} on {report['count']} images "
-        f"(model {report['model']}, tta {report['tta']})"
+        f"(model {report['model']}, engine {report['engine']}, tta {report['tta']})"
     )
     width = max(len(name) for name in report["per_class"])
     for name, accuracy in report["per_class"].items():
@@ -246,13 +278,14 @@ def cmd_predict(args) -> int:
     from imagerec.predictor import Predictor
 
     paths = [Path(p) for p in args.paths]
+    settings = Settings.from_env(engine=args.engine)
     if paths[0].is_dir():
         bundle_path, images = paths[0], paths[1:]
     else:
-        bundle_path, images = Settings.from_env().model, paths
+        bundle_path, images = settings.model, paths
     if not images:
         raise ImagerecError("name at least one image file", code="usage")
-    predictor = Predictor.from_path(bundle_path)
+    predictor = Predictor.from_path(bundle_path, engine=settings.engine)
     if not 1 <= args.top_k <= len(predictor.labels):
         raise ImagerecError(f"--top-k must be between 1 and {len(predictor.labels)}")
     output, failures = [], 0
@@ -297,7 +330,12 @@ def cmd_serve(args) -> int:
     from imagerec.server import serve
 
     settings = Settings.from_env(
-        model=args.model, host=args.host, port=args.port, threads=args.threads
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        engine=args.engine,
+        front=args.front,
     )
     serve(settings)
     return 0

@@ -25,7 +25,11 @@ class Settings:
     model: Path = DEFAULT_MODEL
     host: str = "127.0.0.1"
     port: int = 8000
-    threads: int = 32  # waitress threads: requests in flight at once, so the micro-batch size limit
+    front: str = "granian"  # the HTTP server: granian (compiled) or waitress (pure Python)
+    threads: int = 32  # Python threads for requests: in flight at once, so the micro-batch limit
+    header_timeout_s: int = 30  # granian: a connection must send its headers within this
+    max_connections: int = 10_000  # granian: open connections served at once (each is a file)
+    backlog: int = 2048  # connections the kernel queues before the server accepts them
     max_body_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_batch: int = 64
@@ -33,6 +37,7 @@ class Settings:
     batch_workers: int = 2  # batches in flight: one is gathered while the other runs
     http_cores: int = 1  # CPUs the Python threads share (0: no limit); the model keeps them all
     top_k: int = 3
+    engine: str = "auto"  # auto, tensorflow, onnx or onnx-int8 (imagerec.engines)
     cache_dir: Path = field(default_factory=_default_cache)
 
     @classmethod

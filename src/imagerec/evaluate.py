@@ -15,13 +15,14 @@ def evaluate_bundle(
     data: str | os.PathLike,
     confusion_path: Path | None = None,
     cache_dir: Path | None = None,
+    engine: str = "tensorflow",
 ) -> dict:
     """Overall and per-class accuracy; writes the confusion matrix PNG when a path is given."""
     from imagerec import data as datasets
     from imagerec.plots import confusion_matrix, confusion_png
     from imagerec.predictor import Predictor
 
-    predictor = Predictor.from_path(bundle_path, max_batch=256)
+    predictor = Predictor.from_path(bundle_path, max_batch=256, engine=engine)
     labels = predictor.labels
     dataset = datasets.load_eval_dataset(data, predictor.input_size, cache_dir=cache_dir)
     if isinstance(dataset, datasets.StreamingImageSet):
@@ -43,6 +44,7 @@ def evaluate_bundle(
     report = {
         "model": predictor.name,
         "version": predictor.version,
+        "engine": predictor.engine,
         "tta": predictor.tta,
         "count": int(len(y_true)),
         "accuracy": float((y_true == y_pred).mean()),

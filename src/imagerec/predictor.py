@@ -1,9 +1,9 @@
-"""Bundle to fast batched inference. Never imports training code.
+"""Bundle to fast batched inference, through any engine. Never imports training code.
 
-The model runs through one traced `tf.function` with a fixed input signature, so a call costs
-the forward pass alone (model.predict builds a dataset and a loop for every call). Test-time
-augmentation from the bundle's preprocess.json is applied here, so every prediction path (CLI,
-evaluation, HTTP) honours it.
+The engine (imagerec.engines: TensorFlow, ONNX Runtime float32 or int8) runs the model and the
+bundle's test-time augmentation, so every prediction path (CLI, evaluation, HTTP) honours it.
+The Predictor resizes decoded images, splits batches at `max_batch` and ranks the labels; the
+MicroBatcher gathers concurrent callers into shared batches.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from imagerec.bundle import Bundle
+from imagerec.engines import choose_engine, open_engine
 from imagerec.images import resize_image
 
 log = logging.getLogger(__name__)
@@ -29,24 +30,6 @@ class Prediction:
     label: str
     score: float
     top_k: list[tuple[str, float]]
-
-
-def share_cores(workers: int) -> None:
-    """Give each of `workers` concurrent forward passes its own share of the cores.
-
-    Call before TensorFlow runs anything. Batches then run side by side, each on its own cores,
-    instead of every layer of one batch synchronising all of them; on the 2-core machine this
-    served more images per second at every load and cut single-image latency
-    (benchmarks/results/serve.md). Too late (TensorFlow already started) is logged and ignored.
-    """
-    import tensorflow as tf
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, (cores or 1) // workers))
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, workers))
-    except RuntimeError:
-        log.info("TensorFlow is already running: its thread pools stay as they are")
 
 
 def confine_python_threads(cores: int) -> set[int] | None:
@@ -79,34 +62,24 @@ def confine_python_threads(cores: int) -> set[int] | None:
 class Predictor:
     """Batched inference over a verified bundle; safe to call from several threads at once."""
 
-    def __init__(self, bundle: Bundle, max_batch: int = 64):
-        import tensorflow as tf
-
+    def __init__(
+        self, bundle: Bundle, max_batch: int = 64, engine: str = "tensorflow", workers: int = 1
+    ):
         self.bundle = bundle
         self.labels = list(bundle.labels)
         self.input_size = bundle.preprocess.input_size
         self.tta = bundle.preprocess.tta
         self.max_batch = max_batch
-        model = bundle.model
-        height, width = self.input_size
-        flip = self.tta == "flip"
-
-        @tf.function(
-            input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
-            reduce_retracing=True,
-        )
-        def forward(images):
-            x = tf.cast(images, tf.float32)
-            probs = model(x, training=False)
-            if flip:  # mirror and average
-                probs = (probs + model(tf.reverse(x, axis=[2]), training=False)) / 2.0
-            return tf.cast(probs, tf.float32)
-
-        self._forward = forward
+        self.engine = choose_engine(bundle, engine)
+        self._forward = open_engine(bundle, self.engine, workers)
 
     @classmethod
-    def from_path(cls, path, max_batch: int = 64) -> Predictor:
-        return cls(Bundle.load(path), max_batch=max_batch)
+    def from_path(
+        cls, path, max_batch: int = 64, engine: str = "tensorflow", workers: int = 1
+    ) -> Predictor:
+        """A verified bundle through `engine` (or `auto`); TensorFlow is imported only if the
+        engine is TensorFlow's."""
+        return cls(Bundle.load(path, keras_model=False), max_batch, engine, workers)
 
     @property
     def name(self) -> str:
@@ -121,7 +94,7 @@ class Predictor:
         height, width = self.input_size
         for size in sorted({1, self.max_batch}):
             self.predict_arrays(np.zeros((size, height, width, 3), np.uint8))
-        log.info("model %s (version %s) warmed up", self.name, self.version)
+        log.info("model %s (version %s, engine %s) warmed up", self.name, self.version, self.engine)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Resize a decoded RGB image to the model's input size."""
@@ -141,7 +114,7 @@ class Predictor:
             return np.zeros((0, len(self.labels)), np.float32)
         out = []
         for start in range(0, len(images), self.max_batch):
-            out.append(self._forward(images[start : start + self.max_batch]).numpy())
+            out.append(self._forward(images[start : start + self.max_batch]))
         return np.concatenate(out)
 
     def top_k(self, probs: np.ndarray, k: int) -> list[Prediction]:

@@ -39,6 +39,7 @@ class TrainConfig:
     split_seed: int = 0  # which images are held out: fixed, so runs of any seed compare
     image_size: int | None = None  # square side; None: 32 for resnet-small, 96 for mobilenetv2
     tta: str = "flip"  # test-time augmentation stored in the bundle: mirror and average
+    export_onnx: bool = True  # add model.onnx and model-int8.onnx, scored (imagerec.export)
     # Rates in airbench94's decoupled form, per 1024 images and independent of the momentum;
     # sgd_rates() turns them into the optimizer's.
     lr: float = 11.5  # peak learning rate (airbench94)
@@ -478,8 +479,31 @@ def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: st
         metrics["confusion_matrix"] = matrix.tolist()
     preprocess = Preprocess(input_size=size, mean=mean, std=std, tta=config.tta)
     path = write_bundle(out, final, class_names, preprocess, metrics, artifacts)
+    if config.export_onnx:
+        metrics["engines"] = _export_engines(path, train_set, val_set, config)
     shutil.rmtree(backup, ignore_errors=True)  # the run is complete: nothing left to resume
     return TrainResult(path, metrics)
+
+
+def _export_engines(path: Path, train_set, val_set, config: TrainConfig) -> dict:
+    """The ONNX engines, calibrated on training images and scored on the validation split (on
+    training images when none was held out, recorded as such)."""
+    from imagerec import data as datasets
+    from imagerec.export import CALIBRATION_IMAGES, Evaluation, export_bundle
+
+    if isinstance(train_set, datasets.StreamingImageSet):
+        calibration = train_set.sample_arrays(CALIBRATION_IMAGES, config.seed)
+    else:
+        pick = np.random.default_rng(config.seed).permutation(len(train_set))
+        calibration = train_set.x[pick[:CALIBRATION_IMAGES]]
+    evaluation = None
+    if isinstance(val_set, datasets.ImageSet):
+        evaluation = Evaluation(val_set.x, val_set.y, "the validation split", False)
+    elif val_set is None and isinstance(train_set, datasets.ImageSet):
+        pick = np.sort(np.random.default_rng(config.seed).permutation(len(train_set))[:10_000])
+        source = f"{len(pick)} of the training images (nothing was held out)"
+        evaluation = Evaluation(train_set.x[pick], train_set.y[pick], source, True)
+    return export_bundle(path, int8=True, calibration=calibration, evaluation=evaluation)
 
 
 def compiled_model(

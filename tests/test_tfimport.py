@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from imagerec.cli import native_lines_to_show
+from imagerec.tfimport import native_lines_to_show
 
 SAMPLE = Path(__file__).parent / "fixtures" / "samples" / "cat.jpg"
 BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -56,8 +56,8 @@ def test_the_quiet_import_lets_errors_and_python_warnings_through(tmp_path):
         f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from imagerec.cli import import_tensorflow
-        import_tensorflow(quiet=True)
+        from imagerec.tfimport import import_tensorflow
+        import_tensorflow()
         print("imported", file=sys.stderr)
         """
     )
