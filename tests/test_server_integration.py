@@ -1,4 +1,5 @@
-"""The real server: `imagerec serve` under waitress, called with requests and with curl."""
+"""The real server: `imagerec serve` under each front (granian, waitress), called with requests
+and with curl."""
 
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ def predictor(bundle) -> Predictor:
     return Predictor.from_path(bundle)
 
 
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
+@pytest.fixture(scope="module", params=["granian", "waitress"])
+def server(request, bundle, tmp_path_factory):
     env = {
         "IMAGEREC_MAX_BODY_BYTES": str(MAX_BODY),
         "IMAGEREC_MAX_PIXELS": "1000000",
         "IMAGEREC_THREADS": "8",
+        "IMAGEREC_FRONT": request.param,
     }
     with running_server(bundle, tmp_path_factory.mktemp("log"), env) as live:
         yield live.url, live.process, live.log_path
@@ -203,6 +205,8 @@ def test_a_body_over_the_limit_is_refused_in_the_shape_of_its_protocol(server):
 )
 def test_python_threads_share_one_cpu_and_the_model_keeps_them_all(server):
     url, process, log_path = server
+    if "(granian," in log_path.read_text():
+        pytest.skip("IMAGEREC_HTTP_CORES applies to waitress: granian's request threads are Rust's")
     sample = next(p for p in SAMPLES if p.suffix == ".jpg")
     answer = requests.post(
         f"{url}/v1/predict", data=sample.read_bytes(), headers={"Content-Type": "image/jpeg"}

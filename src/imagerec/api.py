@@ -14,6 +14,7 @@ it in `create_app(..., routes=DEFAULT_ROUTES + (add_..._routes,))`.
 
 import base64
 import binascii
+import io
 import json
 import logging
 import threading
@@ -169,16 +170,25 @@ def invalid_parameters(data: dict) -> dict:
 
 
 class BodySizeLimit:
-    """Falcon middleware: 413 before reading a body whose Content-Length is over the limit, and a
-    counting reader for bodies without one (chunked), so no route reads more than the limit."""
+    """Falcon middleware: 413 before reading a body whose Content-Length is over the limit; a
+    chunked body (no Content-Length) read here up to the limit, then handed on with its length,
+    so that routes see it as any other body, whichever server is in front; and a counting reader
+    in any case, so no route reads more than the limit."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
 
     def process_request(self, request, response) -> None:
         length = request.content_length
-        if length is not None and length > self.max_bytes:
-            error = http_error(_too_large(length, self.max_bytes))
+        try:
+            if length is not None and length > self.max_bytes:
+                raise _too_large(length, self.max_bytes)
+            if length is None and "chunked" in (request.get_header("Transfer-Encoding") or ""):
+                data = LimitedReader(request.stream, self.max_bytes).read()
+                request.env["wsgi.input"] = request.stream = io.BytesIO(data)
+                request.env["CONTENT_LENGTH"] = str(len(data))
+        except PayloadTooLarge as exc:
+            error = http_error(exc)
             response.status = _status_line(error.status)
             response.content_type = falcon.MEDIA_JSON
             response.body = json.dumps(error.to_dict())

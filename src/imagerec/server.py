@@ -1,13 +1,26 @@
-"""`imagerec serve`: the hug API under waitress.
+"""`imagerec serve`: the hug API under Granian (a compiled HTTP server) or waitress.
 
-waitress buffers each request and response in full, so slow clients cost no worker thread. The
-bundle's manifest is verified before the port opens (a missing model fails at once); loading
-TensorFlow and warming the model happen in a background thread, so /healthz answers at once and
-/readyz says 503 until the model is warm. SIGINT and SIGTERM stop the server cleanly.
+Both fronts serve the same WSGI app, with the same routes, limits and error shapes: the body
+limit is the app's own middleware (413 from Content-Length, before the body is read), so it
+holds under either.
+
+- granian (the default): connections are held by Rust's tokio runtime in a worker process, so
+  thousands of slow or idle clients cost a few kilobytes each and no Python thread; a request
+  reaches Python only once its headers are in (`header_read_timeout`), and at most `threads`
+  requests are in Python at once (`backpressure`), the rest wait in Rust. The parent process
+  supervises the worker and turns SIGTERM/SIGINT into a graceful stop.
+- waitress (`--front waitress`, pure Python, the earlier front): buffers each request and
+  response in full, so slow clients cost no worker thread, but it holds at most
+  `connection_limit` connections (100) and answers nothing past them.
+
+The bundle's manifest is verified before the port opens (a missing model fails at once);
+loading the engine and warming the model happen in a background thread, so /healthz answers at
+once and /readyz says 503 until the model is warm.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -78,18 +91,17 @@ def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()
 def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics) -> None:
     """Load, warm up and put a micro-batched predictor into `slot` (run in a thread)."""
     try:
-        from imagerec.predictor import (
-            MicroBatcher,
-            Predictor,
-            confine_python_threads,
-            share_cores,
-        )
+        from imagerec.predictor import MicroBatcher, Predictor, confine_python_threads
 
-        share_cores(settings.batch_workers)
-        predictor = Predictor.from_path(settings.model, max_batch=settings.max_batch)
+        predictor = Predictor.from_path(
+            settings.model,
+            max_batch=settings.max_batch,
+            engine=settings.engine,
+            workers=settings.batch_workers,
+        )
         predictor.warm_up()
         # TensorFlow leaves ~10^5 long-lived Python objects; frozen, the collector stops
-        # rescanning them while requests allocate.
+        # rescanning them (or an engine's own) while requests allocate.
         gc.freeze()
         batcher = MicroBatcher(
             predictor,
@@ -98,7 +110,9 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
             on_batch=metrics.observe_batch,
             workers=settings.batch_workers,
         )
-        confined = confine_python_threads(settings.http_cores)
+        # Measured with waitress, whose request threads are Python's; under granian they are
+        # Rust's, and an ONNX engine computes on the batcher's threads.
+        confined = settings.front == "waitress" and confine_python_threads(settings.http_cores)
     except ImagerecError as exc:
         log.error("the model could not be loaded: %s", exc.message)
         slot.fail(f"the model could not be loaded: {exc.message}")
@@ -110,20 +124,102 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
     slot.set(batcher)
     if confined:
         log.info("Python threads on CPU %s, the model's on all", sorted(confined))
-    log.info("ready: model %s version %s", predictor.name, predictor.version)
+    log.info(
+        "ready: model %s version %s, engine %s", predictor.name, predictor.version, predictor.engine
+    )
+
+
+FRONTS = ("granian", "waitress")
+
+
+def build_app(settings: Settings):
+    """The WSGI app over a slot that a background thread fills with the warm model."""
+    slot = PredictorSlot()
+    metrics = ServingMetrics()
+    api = create_app(slot, settings, metrics=metrics)
+    loader = threading.Thread(
+        target=load_model, args=(slot, settings, metrics), name="imagerec-loader", daemon=True
+    )
+    loader.start()
+    return api, slot
 
 
 def serve(settings: Settings) -> None:
     """Serve the API until SIGINT or SIGTERM."""
     verify_bundle(settings.model)
-    slot = PredictorSlot()
-    metrics = ServingMetrics()
-    api = create_app(slot, settings, metrics=metrics)
-    server = make_server(api.http.server(), settings, protocol_error_prefixes(api))
-    loader = threading.Thread(
-        target=load_model, args=(slot, settings, metrics), name="imagerec-loader", daemon=True
+    if settings.front not in FRONTS:
+        raise ImagerecError(
+            f"the front must be one of {', '.join(FRONTS)}, not {settings.front!r}", code="usage"
+        )
+    if settings.front == "waitress":
+        serve_waitress(settings)
+    else:
+        serve_granian(settings)
+
+
+def serve_granian(settings: Settings) -> None:
+    """Granian's WSGI server, one worker process, the app built inside it."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.server import Server
+
+    files = raise_file_limit()
+    connections = min(settings.max_connections, max(1, files - 64))  # a few files of its own
+    server = Server(
+        "imagerec",  # a name only: the app comes from target_loader
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.WSGI,
+        workers=1,  # one model in memory; its engine uses every core
+        blocking_threads=settings.threads,
+        # Granian counts every open connection against backpressure, idle keep-alive ones too:
+        # bounded by the connection limit, not the threads (those bound the Python side).
+        backpressure=connections,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=settings.backlog,
+        http1_settings=HTTP1Settings(header_read_timeout=settings.header_timeout_s * 1000),
+        log_enabled=False,  # the worker keeps the logging this process set up
     )
-    loader.start()
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info(
+        "serving %s on http://%s:%s/ (granian, %d Python threads, %d connections at most)",
+        settings.model,
+        shown,
+        settings.port,
+        settings.threads,
+        connections,
+    )
+    server.serve(target_loader=functools.partial(granian_app, settings), wrap_loader=False)
+    log.info("stopped")
+
+
+def granian_app(settings: Settings, *_target):
+    """Run in Granian's worker process: the app, with the model loading behind it."""
+    api, _slot = build_app(settings)
+    return api.http.server()
+
+
+def raise_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit: each connection is a file.
+    Returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.info("the open-file limit stays at %d: %s", soft, exc)
+    return soft
+
+
+def serve_waitress(settings: Settings) -> None:
+    """waitress, in this process."""
+    api, slot = build_app(settings)
+    server = make_server(api.http.server(), settings, protocol_error_prefixes(api))
 
     def stop(signum, _frame):
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -134,7 +230,11 @@ def serve(settings: Settings) -> None:
     port = getattr(server, "effective_port", settings.port)
     shown = f"[{host}]" if ":" in str(host) else host
     log.info(
-        "serving %s on http://%s:%s/ (%d threads)", settings.model, shown, port, settings.threads
+        "serving %s on http://%s:%s/ (waitress, %d threads)",
+        settings.model,
+        shown,
+        port,
+        settings.threads,
     )
     try:
         server.run()
