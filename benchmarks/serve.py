@@ -1,11 +1,13 @@
-"""Serving benchmark: in-process limits, then HTTP throughput and latency of `imagerec serve`
-against a naive baseline (hug, model.predict per request, no batching), in one run.
+"""Serving benchmark, in one run: the in-process limit of every engine, then HTTP throughput
+and latency of `imagerec serve` for each front and engine at 1, 16 and 64 clients, with the
+earlier configuration (waitress + TensorFlow) as the baseline row, server start-up time and
+memory, and a slow-client row per front (2,000 trickling connections open).
 
-    python benchmarks/serve.py [--model models/cifar10] [--requests 2000] [--threads 64]
+    python benchmarks/serve.py [--model models/cifar10] [--load-seconds 10]
 
 Writes benchmarks/results/serve.md with the command line, the machine and library versions.
-The load client is a separate process (`--client`): one thread and one keep-alive http.client
-connection per concurrent client, raw image/jpeg bodies built once, so it stays light on CPU.
+The load generator is wrk (C, one epoll thread) when it is installed, else a separate Python
+process (`--client`) with one thread and keep-alive connection per client.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+import slow_clients
 from machine import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,105 +146,117 @@ def load(url: str, concurrency: int, requests_total: int) -> dict:
 CLIENT = {"kind": "python", "seconds": 10.0, "wrk_threads": 1}
 
 
-def naive_app(model_path: str):
-    """The seed's way: hug, decode, model.predict on every request, no batching."""
-    from imagerec.bundle import Bundle
-    from imagerec.hugcompat import hug
-    from imagerec.images import decode_image, resize_image
-
-    bundle = Bundle.load(model_path)
-    api = hug.API("imagerec.naive_benchmark")
-    flip = bundle.preprocess.tta == "flip"
-
-    @hug.post("/v1/predict", api=api)
-    def predict(body, top_k: hug.types.number = 3):
-        """Classify one raw image body."""
-        image = resize_image(decode_image(body.read()), bundle.preprocess.input_size)[None]
-        probs = bundle.model.predict(image.astype(np.float32), verbose=0)
-        if flip:
-            probs = (
-                probs + bundle.model.predict(image[:, :, ::-1].astype(np.float32), verbose=0)
-            ) / 2
-        order = np.argsort(-probs[0])[:top_k]
-        return {"results": [{"label": bundle.labels[order[0]], "score": float(probs[0][order[0]])}]}
-
-    @hug.get("/readyz", api=api)
-    def readyz():
-        return {"status": "ready"}
-
-    return api
-
-
-def serve_naive(model_path: str, port: int, threads: int) -> None:
-    from imagerec.config import Settings
-    from imagerec.server import make_server
-
-    api = naive_app(model_path)
-    settings = Settings(host="127.0.0.1", port=port, threads=threads)
-    server = make_server(api.http.server(), settings)
-
-    def stop(_signum, _frame):
-        raise SystemExit(0)  # waitress's run() closes cleanly on SystemExit
-
-    signal.signal(signal.SIGTERM, stop)
-    server.run()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, limit_s: float = 300) -> None:
-    deadline = time.monotonic() + limit_s
+def wait_ready(url: str, process: subprocess.Popen, limit_s: float = 300) -> float:
+    """Seconds until `url`/readyz answers 200."""
+    started = time.monotonic()
     host, port = url.removeprefix("http://").split(":")
-    while time.monotonic() < deadline:
+    while time.monotonic() < started + limit_s:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode}")
         try:
             connection = http.client.HTTPConnection(host, int(port), timeout=5)
             connection.request("GET", "/readyz")
             if connection.getresponse().status == 200:
-                return
+                return time.monotonic() - started
         except OSError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"{url} was not ready within {limit_s} s")
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Granian's worker is a child of the `imagerec serve` process)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            pids.extend(process_tree(int(child)))
+    return pids
 
 
-def measure_server(command: list[str], url: str, levels: list[int], counts: dict[int, int]):
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(resident now, peak resident) in MB, summed over the server's processes."""
+    now = peak = 0.0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                now += int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak += int(line.split()[1]) / 1024
+    return now, peak
+
+
+def loads_tensorflow(pid: int) -> bool:
+    """Whether any of the server's processes has TensorFlow's library mapped."""
+    for member in process_tree(pid):
+        if "libtensorflow" in Path(f"/proc/{member}/maps").read_text():
+            return True
+    return False
+
+
+def measure_server(config: dict, args, levels: list[int]) -> dict:
+    """Start `imagerec serve` with one front and engine, time its start-up, load it at each
+    level, then hold the slow clients open (if asked); stop it with SIGTERM."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(config["model"])]
+    command += ["--port", str(port), "--threads", str(args.threads)]
+    command += ["--front", config["front"], "--engine", config["engine"]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(url, process)
+        startup = wait_ready(url, process)
+        idle_mb, _ = memory_mb(process.pid)
         load(url, 4, 100)  # warm-up: connections, first-call paths
-        rows = [load(url, level, counts[level]) for level in levels]
-        rss = peak_rss_mb(process.pid)
+        rows = [load(url, level, args.requests) for level in levels]
+        rss, peak = memory_mb(process.pid)
+        tensorflow = loads_tensorflow(process.pid)
+        slow = (
+            slow_clients.measure(url, args.slow_clients, args.slow_seconds)
+            if config["slow"]
+            else None
+        )
+        if slow is not None:
+            slow["server_alive"] = process.poll() is None
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
-    return rows, rss
+    return {
+        **config,
+        "rows": rows,
+        "startup_s": startup,
+        "idle_mb": idle_mb,
+        "rss_mb": rss,
+        "peak_mb": peak,
+        "tensorflow_loaded": tensorflow,
+        "slow": slow,
+    }
 
 
-def in_process(model: str, max_batch: int, seconds: float, workers: int) -> dict:
+def in_process(model: Path, engine: str, max_batch: int, seconds: float, workers: int) -> dict:
     """The limit: decode + classify in batches of max_batch from as many threads as the
-    server's batcher has workers (so both drive the model equally hard); and single-image
-    latency."""
-    from imagerec.images import decode_image
-    from imagerec.predictor import Predictor, share_cores
+    server's batcher has workers (so both drive the model equally hard), the forward pass alone,
+    and single-image latency. Each engine in its own process, as the server would have it."""
+    command = [sys.executable, __file__, "--in-process", engine, "--model", str(model)]
+    command += ["--max-batch", str(max_batch), "--seconds", str(seconds)]
+    command += ["--batch-workers", str(workers)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(output.stdout.splitlines()[-1])
 
-    share_cores(workers)  # as the server does
-    predictor = Predictor.from_path(model, max_batch=max_batch)
+
+def in_process_figures(model: str, engine: str, max_batch: int, seconds: float, workers: int):
+    from imagerec.images import decode_image
+    from imagerec.predictor import Predictor
+
+    predictor = Predictor.from_path(model, max_batch=max_batch, engine=engine, workers=workers)
     predictor.warm_up()
     bodies = [p.read_bytes() for p in SAMPLES]
     batch_bodies = [bodies[i % len(bodies)] for i in range(max_batch)]
@@ -273,6 +289,7 @@ def in_process(model: str, max_batch: int, seconds: float, workers: int) -> dict
         predictor.classify([decode_image(bodies[i % len(bodies)])], 3)
         single.append(time.perf_counter() - started)
     return {
+        "engine": predictor.engine,
         "batched": batched,
         "forward_only": forward_only,
         "single_p50_ms": percentile_ms(single, 50),
@@ -283,18 +300,34 @@ def in_process(model: str, max_batch: int, seconds: float, workers: int) -> dict
     }
 
 
+def with_every_engine(model: Path, work: Path) -> Path:
+    """A copy of the bundle that also holds the float32 ONNX model (the bundled one ships only
+    the int8 one), so that every engine can be measured on the same weights."""
+    from imagerec.bundle import Bundle, add_to_bundle
+    from imagerec.export import ENGINE_FILES, keras_to_onnx
+
+    copy = work / model.name
+    shutil.copytree(model, copy)
+    if not (copy / ENGINE_FILES["onnx"]).exists():
+        bundle = Bundle.load(copy)
+        onnx = keras_to_onnx(bundle.model, bundle.preprocess.input_size)
+        add_to_bundle(copy, {ENGINE_FILES["onnx"]: onnx}, bundle.metrics)
+    return copy
+
+
 def machine() -> list[str]:
     import cv2
     import keras
+    import onnxruntime
     import tensorflow as tf
 
     return [
         f"- CPU: {cpu_description()}",
         f"- {platform.platform()}, Python {platform.python_version()}",
-        f"- TensorFlow {tf.__version__}, Keras {keras.__version__}, NumPy {np.__version__}, "
-        f"OpenCV {cv2.__version__}",
-        f"- hug {_version('hug')}, falcon {_version('falcon')}, waitress "
-        f"{_version('waitress')}, prometheus-client {_version('prometheus-client')}",
+        f"- TensorFlow {tf.__version__}, Keras {keras.__version__}, ONNX Runtime "
+        f"{onnxruntime.__version__}, NumPy {np.__version__}, OpenCV {cv2.__version__}",
+        f"- hug-upgraded {_version('hug-upgraded')}, falcon {_version('falcon')}, granian "
+        f"{_version('granian')}, waitress {_version('waitress')}",
     ]
 
 
@@ -310,95 +343,159 @@ CLIENT_TEXT = {
     "python": "a separate Python process, one thread and one keep-alive http.client connection "
     "per concurrent client",
 }
+BASELINE = ("waitress", "tensorflow")
+SLOW_CLIENT_ROWS = (BASELINE, ("granian", "onnx-int8"))  # the earlier server and the new one
 
 
-def report(args, limits: dict, served: list[dict], naive: list[dict], rss: float) -> str:
-    def table(rows: list[dict]) -> list[str]:
-        lines = [
-            "| concurrency | requests | errors | images/s | p50 ms | p99 ms |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows:
+def report(args, limits: dict[str, dict], served: list[dict]) -> str:
+    baseline = next(s for s in served if (s["front"], s["engine"]) == BASELINE)
+    base_by_level = {r["concurrency"]: r for r in baseline["rows"]}
+    reference = limits["tensorflow"]["batched"]
+    any_limit = next(iter(limits.values()))
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        f"Run at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; every figure below is from this run.",
+        "",
+        *machine(),
+        "",
+        f"Model: {any_limit['name']} (test-time augmentation {any_limit['tta']}), the same "
+        f"weights in every engine. Server: `imagerec serve --threads {args.threads} --front F "
+        f"--engine E`, max batch {args.max_batch}, max wait {args.max_wait_ms} ms, "
+        f"{args.batch_workers} batcher workers.",
+        f"Client: {CLIENT_TEXT[args.load]}, raw image/jpeg bodies of the 80 CIFAR fixture "
+        "JPEGs (tests/fixtures/cifar_small), sharing the machine's cores with the server.",
+        "",
+        "## In process (the limit of each engine)",
+        "",
+        f"Decode + classify in batches of {args.max_batch} from {args.batch_workers} threads, "
+        "the forward pass alone, and one image at a time.",
+        "",
+        "| engine | images/s | x TensorFlow | forward only | one image p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, limit in limits.items():
+        lines.append(
+            f"| {name} | {limit['batched']:.0f} | {limit['batched'] / reference:.2f} "
+            f"| {limit['forward_only']:.0f} | {limit['single_p50_ms']:.2f} "
+            f"| {limit['single_p99_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "## HTTP, each front and engine",
+        "",
+        "x baseline: images/s over the baseline row's (waitress + tensorflow, the configuration "
+        "before the compiled front and the ONNX engines) at the same concurrency; of limit: "
+        "over that engine's in-process limit above.",
+        "",
+        "| front | engine | clients | requests | errors | images/s | x baseline | of limit "
+        "| p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for server in served:
+        limit = limits[server["engine"]]["batched"]
+        for r in server["rows"]:
+            base = base_by_level[r["concurrency"]]["throughput"]
             lines.append(
-                f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['throughput']:.0f} "
-                f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+                f"| {server['front']} | {server['engine']} | {r['concurrency']} | {r['requests']} "
+                f"| {r['errors']} | {r['throughput']:.0f} | {r['throughput'] / base:.2f} "
+                f"| {r['throughput'] / limit:.0%} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
             )
-        return lines
-
-    by_level = {r["concurrency"]: r for r in served}
-    naive_by_level = {r["concurrency"]: r for r in naive}
-    limit = limits["batched"]
-    checks = []
-    if 64 in by_level:
-        share = by_level[64]["throughput"] / limit
-        checks.append(f"concurrency 64 at {share:.0%} of the in-process limit (target 85%)")
-    if 16 in by_level:
-        share = by_level[16]["throughput"] / limit
-        checks.append(f"concurrency 16 at {share:.0%} of the in-process limit (target 70%)")
-    top = max(by_level)
-    if top in naive_by_level:
-        ratio = by_level[top]["throughput"] / naive_by_level[top]["throughput"]
-        checks.append(f"{ratio:.1f}x the naive baseline at concurrency {top} (target 10x)")
-    if 1 in by_level:
-        gap = by_level[1]["p50_ms"] - limits["single_p50_ms"]
-        checks.append(f"p50 at concurrency 1 is {gap:+.2f} ms over in-process (target 2 ms)")
-    checks.append(f"server peak memory (VmHWM) {rss:.0f} MB (target under 1024 MB)")
-    return "\n".join(
-        [
-            "# Serving benchmark",
+    lines += [
+        "",
+        "## Start-up and memory",
+        "",
+        "Start-up: from starting `imagerec serve` to /readyz answering 200 (model loaded and "
+        "warm). Memory: resident set of the server's processes (Granian's supervisor and worker "
+        "together), idle once ready, and after the load above (now / peak).",
+        "",
+        "| front | engine | start-up s | idle MB | after load MB | peak MB | TensorFlow loaded |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for server in served:
+        lines.append(
+            f"| {server['front']} | {server['engine']} | {server['startup_s']:.1f} "
+            f"| {server['idle_mb']:.0f} | {server['rss_mb']:.0f} | {server['peak_mb']:.0f} "
+            f"| {'yes' if server['tensorflow_loaded'] else 'no'} |"
+        )
+    slow_rows = [s for s in served if s["slow"]]
+    if slow_rows:
+        lines += [
             "",
-            f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-            f"Run at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
+            "## Slow clients",
             "",
-            *machine(),
+            f"{args.slow_clients} connections that send a request line and then one header byte "
+            f"a second, held open for {args.slow_seconds:.0f} s while other requests are sent one "
+            "at a time on fresh connections.",
             "",
-            f"Model: {limits['name']} (version {limits['version']}, test-time augmentation "
-            f"{limits['tta']}). Server: `imagerec serve --threads {args.threads}`, "
-            f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, "
-            f"{args.batch_workers} batcher workers, Python threads on "
-            f"{f'{args.http_cores} CPU' if args.http_cores else 'every CPU'} "
-            "(IMAGEREC_HTTP_CORES).",
-            f"Client: {CLIENT_TEXT[args.load]}, raw image/jpeg bodies of the 80 CIFAR fixture "
-            "JPEGs (tests/fixtures/cifar_small), sharing the machine's cores with the server.",
-            "",
-            "## In process (the limit)",
-            "",
-            f"- decode + classify in batches of {args.max_batch}, {args.batch_workers} threads: "
-            f"{limit:.0f} images/s",
-            f"- forward pass alone, batches of {args.max_batch}, {args.batch_workers} threads: "
-            f"{limits['forward_only']:.0f} images/s",
-            f"- one image, decode + classify: p50 {limits['single_p50_ms']:.2f} ms, "
-            f"p99 {limits['single_p99_ms']:.2f} ms",
-            "",
-            "## HTTP, imagerec serve (micro-batched)",
-            "",
-            *table(served),
-            "",
-            "## HTTP, naive baseline (hug, model.predict per request, no batching)",
-            "",
-            *table(naive),
-            "",
-            "## Against the targets",
-            "",
-            *[f"- {line}" for line in checks],
-            "",
+            "| front | engine | slow opened | refused | closed by server | other requests "
+            "| failed | p50 ms | max ms | server alive |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-    )
+        for server in slow_rows:
+            slow = server["slow"]
+            lines.append(
+                f"| {server['front']} | {server['engine']} | {slow['slow_opened']} "
+                f"| {slow['slow_refused']} | {slow['slow_closed_by_server']} | {slow['requests']} "
+                f"| {slow['failed']} | {slow['p50_ms']:.1f} | {slow['max_ms']:.1f} "
+                f"| {'yes' if slow['server_alive'] else 'no'} |"
+            )
+    lines += ["", "## Against the targets", "", *[f"- {c}" for c in checks(limits, served)], ""]
+    return "\n".join(lines)
+
+
+def checks(limits: dict[str, dict], served: list[dict]) -> list[str]:
+    found = []
+    if "onnx-int8" in limits:
+        ratio = limits["onnx-int8"]["batched"] / limits["tensorflow"]["batched"]
+        found.append(f"in process, onnx-int8 at {ratio:.2f}x TensorFlow float32 (target 2.5x)")
+    by_config = {
+        (s["front"], s["engine"]): {r["concurrency"]: r for r in s["rows"]} for s in served
+    }
+    base = by_config[BASELINE]
+    best = ("granian", "onnx-int8")
+    if best in by_config and 64 in base:
+        top = by_config[best][64]["throughput"]
+        found.append(
+            f"HTTP at 64 clients, granian + onnx-int8: {top / base[64]['throughput']:.2f}x the "
+            f"baseline row (target 2.5x) and {top / limits['onnx-int8']['batched']:.0%} of its "
+            "in-process limit (target 70%)"
+        )
+    if best in by_config and 1 in base:
+        found.append(
+            f"p50 at 1 client: {by_config[best][1]['p50_ms']:.2f} ms against the baseline's "
+            f"{base[1]['p50_ms']:.2f} ms (target: no worse)"
+        )
+    for server in served:
+        slow = server["slow"]
+        if slow:
+            found.append(
+                f"{server['front']} with {slow['slow_opened']} trickling connections: other "
+                f"requests at most {slow['max_ms']:.0f} ms, {slow['failed']} failed, "
+                f"{slow['slow_refused']} refused (target: within 1 s, none refused)"
+            )
+    return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "cifar10"))
-    parser.add_argument("--requests", type=int, default=3000, help="per concurrency level")
-    parser.add_argument("--naive-requests", type=int, default=300, help="per level, baseline")
-    parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--threads", type=int, default=64, help="waitress threads")
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "cifar10")
+    parser.add_argument("--requests", type=int, default=3000, help="per level, Python client")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--threads", type=int, default=64, help="the server's Python threads")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--batch-workers", type=int, default=2, help="micro-batcher threads")
+    parser.add_argument("--engines", default="tensorflow,onnx,onnx-int8")
     parser.add_argument(
-        "--http-cores", type=int, default=1, help="CPUs for the server's Python threads (0: all)"
+        "--servers",
+        default="waitress:tensorflow,waitress:onnx-int8,granian:tensorflow,granian:onnx,"
+        "granian:onnx-int8",
+        help="front:engine pairs; waitress:tensorflow is the baseline and always included",
     )
+    parser.add_argument("--slow-clients", type=int, default=2000)
+    parser.add_argument("--slow-seconds", type=float, default=15.0)
     parser.add_argument("--seconds", type=float, default=10.0, help="per in-process figure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.md")
     parser.add_argument(
@@ -412,43 +509,44 @@ def main() -> int:
         "--wrk-threads", type=int, default=1, help="one epoll thread drives 64 connections"
     )
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
-    parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", metavar="ENGINE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     if args.client:
         print(json.dumps(run_client(args.client, int(args.concurrency), args.requests)))
         return 0
-    if args.naive_server:
-        serve_naive(args.model, args.naive_server, args.threads)
+    if args.in_process:
+        figures = in_process_figures(
+            str(args.model), args.in_process, args.max_batch, args.seconds, args.batch_workers
+        )
+        print(json.dumps(figures))
         return 0
 
     CLIENT.update(kind=args.load, seconds=args.load_seconds, wrk_threads=args.wrk_threads)
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"in-process figures ({args.seconds:.0f} s each)...", file=sys.stderr)
-    limits = in_process(args.model, args.max_batch, args.seconds, args.batch_workers)
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = [sys.executable, "-m", "imagerec.cli", "serve", "--model", args.model]
-    serve += ["--port", str(port), "--threads", str(args.threads)]
+    pairs = [tuple(p.split(":")) for p in args.servers.split(",")]
+    if BASELINE not in pairs:
+        pairs.insert(0, BASELINE)
     os.environ["IMAGEREC_MAX_BATCH"] = str(args.max_batch)
     os.environ["IMAGEREC_MAX_WAIT_MS"] = str(args.max_wait_ms)
     os.environ["IMAGEREC_BATCH_WORKERS"] = str(args.batch_workers)
-    os.environ["IMAGEREC_HTTP_CORES"] = str(args.http_cores)
-    print("imagerec serve...", file=sys.stderr)
-    served, rss = measure_server(serve, url, levels, dict.fromkeys(levels, args.requests))
+    with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as work:
+        model = with_every_engine(args.model, Path(work))
+        limits = {}
+        for engine in args.engines.split(","):
+            print(f"in process, {engine} ({args.seconds:.0f} s a figure)...", file=sys.stderr)
+            limits[engine] = in_process(
+                model, engine, args.max_batch, args.seconds, args.batch_workers
+            )
+        served = []
+        for front, engine in pairs:
+            slow = (front, engine) in SLOW_CLIENT_ROWS
+            print(f"imagerec serve --front {front} --engine {engine}...", file=sys.stderr)
+            config = {"front": front, "engine": engine, "model": model, "slow": slow}
+            served.append(measure_server(config, args, levels))
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    naive_command = [sys.executable, __file__, "--model", args.model]
-    naive_command += ["--naive-server", str(port), "--threads", str(args.threads)]
-    print("naive baseline...", file=sys.stderr)
-    naive, _ = measure_server(
-        naive_command, url, levels, dict.fromkeys(levels, args.naive_requests)
-    )
-
-    text = report(args, limits, served, naive, rss)
+    text = report(args, limits, served)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

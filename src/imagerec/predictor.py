@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -32,16 +33,19 @@ class Prediction:
     top_k: list[tuple[str, float]]
 
 
-def confine_python_threads(cores: int) -> set[int] | None:
-    """Keep every Python thread of the process (the server's main loop and request threads, the
-    batcher's) on the first `cores` of its CPUs; return that set, or None if nothing changed.
+def confine_python_threads(cores: int, spare: frozenset[int] = frozenset()) -> set[int] | None:
+    """Keep every thread of the process that is not a model's compute thread (the server's
+    request threads, Python's or Granian's, its runtime, the batcher's unless `spare`d) on the
+    first `cores` of its CPUs; return that set, or None if nothing changed.
 
-    Call after the model has run once: TensorFlow's compute threads, started then, are not
-    Python threads and keep every core. A request passes between Python threads several times
-    (main loop, request thread, batcher, back); on one core those wake-ups stay local instead of
-    interrupting a CPU that is running the model. On the 2-core benchmark machine that served
-    about 10% more images per second (benchmarks/results/serve.md). 0 leaves the threads alone;
-    so does a process allowed no more than `cores` CPUs.
+    Call after the model has run once: TensorFlow's compute threads (named tf_*), started then,
+    keep every core, as do the threads in `spare` (native ids: the batcher's, where the engine
+    computes on the caller's thread, as ONNX Runtime does with one thread a session). A request
+    passes between threads several times (request thread, batcher, back); on one core those
+    wake-ups stay local instead of interrupting a CPU that is running the model. On the 2-core
+    benchmark machine that served about 10% more images per second under waitress
+    (benchmarks/results/serve.md). 0 leaves the threads alone; so does a process allowed no
+    more than `cores` CPUs.
     """
     if cores <= 0 or not hasattr(os, "sched_setaffinity"):
         return None
@@ -49,13 +53,14 @@ def confine_python_threads(cores: int) -> set[int] | None:
     if cores >= len(allowed):
         return None
     chosen = set(allowed[:cores])
-    for thread in threading.enumerate():
-        if thread.native_id is None:
-            continue
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.is_dir() else []:
         try:
-            os.sched_setaffinity(thread.native_id, chosen)
+            if int(task.name) in spare or (task / "comm").read_text().startswith("tf_"):
+                continue
+            os.sched_setaffinity(int(task.name), chosen)
         except OSError as exc:  # the thread ended meanwhile, or the system refuses
-            log.info("thread %s keeps its CPUs: %s", thread.name, exc)
+            log.info("thread %s keeps its CPUs: %s", task.name, exc)
     return chosen
 
 
@@ -201,6 +206,11 @@ class MicroBatcher:
     @property
     def bundle(self) -> Bundle:
         return self.predictor.bundle
+
+    @property
+    def thread_ids(self) -> frozenset[int]:
+        """The native ids of the worker threads."""
+        return frozenset(t.native_id for t in self._threads if t.native_id is not None)
 
     @property
     def labels(self) -> list[str]:

@@ -110,9 +110,9 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
             on_batch=metrics.observe_batch,
             workers=settings.batch_workers,
         )
-        # Measured with waitress, whose request threads are Python's; under granian they are
-        # Rust's, and an ONNX engine computes on the batcher's threads.
-        confined = settings.front == "waitress" and confine_python_threads(settings.http_cores)
+        # An ONNX engine computes on the batcher's threads: those keep every core.
+        spare = batcher.thread_ids if predictor.engine != "tensorflow" else frozenset()
+        confined = confine_python_threads(settings.http_cores, spare)
     except ImagerecError as exc:
         log.error("the model could not be loaded: %s", exc.message)
         slot.fail(f"the model could not be loaded: {exc.message}")
