@@ -8,6 +8,7 @@ from pathlib import Path
 from imagerec.bundle import Bundle, verify_bundle
 from imagerec.cli import main
 from imagerec.config import DEFAULT_MODEL
+from imagerec.engines import choose_engine
 from imagerec.images import load_image
 from imagerec.predictor import Predictor
 
@@ -29,6 +30,12 @@ def test_the_bundled_model_is_the_default_and_verifies():
     # validation figures are in benchmarks/results/train_cifar10.md).
     assert metrics["data"]["train_count"] == 50_000 and metrics["val_count"] == 0
     assert metrics["config"]["tta"] == "flip" and 0.5 < metrics["train_accuracy_tta"] <= 1.0
+    # The int8 engine, exported with `imagerec export --int8-only` and scored against the
+    # Keras model on (seen) training images; serving's `auto` takes it.
+    assert "  model-int8.onnx\n" in manifest
+    int8 = metrics["engines"]["onnx-int8"]
+    assert int8["agreement_with_tensorflow"] >= 0.99 and int8["evaluated_on"]["seen_in_training"]
+    assert choose_engine(Bundle.load(BUNDLED, keras_model=False), "auto") == "onnx-int8"
 
 
 def test_the_bundled_model_recognises_the_sample_images():

@@ -57,6 +57,15 @@ def test_train_writes_a_complete_verified_bundle(trained):
     assert metrics["data"]["train_count"] == 70 and len(metrics["data"]["fingerprint"]) == 64
     assert {"tensorflow", "keras", "numpy", "opencv"} <= set(metrics["versions"])
     assert not list(trained.parent.glob(".fixture-model.*")), "no temp or backup folder is left"
+    # The ONNX engines, exported at the end of the run and scored on the same validation split.
+    assert {"model.onnx", "model-int8.onnx"} <= names
+    engines = metrics["engines"]
+    assert set(engines) == {"tensorflow", "onnx", "onnx-int8"}
+    for entry in engines.values():
+        assert entry["evaluated_on"]["images"] == 10
+        assert entry["evaluated_on"]["seen_in_training"] is False
+    assert engines["tensorflow"]["accuracy"] == round(metrics["val_accuracy_tta"], 5)
+    assert engines["onnx"]["agreement_with_tensorflow"] == 1.0
     for png in ("training.png", "confusion.png"):
         assert (trained / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -5,10 +5,10 @@ limit is the app's own middleware (413 from Content-Length, before the body is r
 holds under either.
 
 - granian (the default): connections are held by Rust's tokio runtime in a worker process, so
-  thousands of slow or idle clients cost a few kilobytes each and no Python thread; a request
-  reaches Python only once its headers are in (`header_read_timeout`), and at most `threads`
-  requests are in Python at once (`backpressure`), the rest wait in Rust. The parent process
-  supervises the worker and turns SIGTERM/SIGINT into a graceful stop.
+  thousands of slow or idle clients cost no Python thread; a request reaches Python only once
+  its headers are in (`header_read_timeout`), on one of `threads` Python threads, the rest wait
+  in Rust. The parent process supervises the worker and turns SIGTERM/SIGINT into a graceful
+  stop.
 - waitress (`--front waitress`, pure Python, the earlier front): buffers each request and
   response in full, so slow clients cost no worker thread, but it holds at most
   `connection_limit` connections (100) and answers nothing past them.
