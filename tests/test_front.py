@@ -3,6 +3,7 @@ not stop others being answered, and the server process never loads TensorFlow.""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -51,3 +52,25 @@ def test_hundreds_of_trickling_connections_leave_other_clients_answered(default_
     assert result["requests"] > 10 and result["failed"] == 0
     assert result["max_ms"] < 1000, result  # a bound on starvation, not a speed measurement
     assert default_server.process.poll() is None
+
+
+def test_a_busy_port_is_a_clear_error_not_a_traceback(capsys):
+    from imagerec.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for front in ("granian", "waitress"):
+            assert main(["serve", "--port", str(port), "--front", front]) == 1
+            err = capsys.readouterr().err
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err, err
+
+
+def test_an_engine_the_bundle_lacks_stops_serve_before_the_port_opens(capsys):
+    from imagerec.cli import main
+
+    assert main(["serve", "--port", "1", "--engine", "onnx"]) == 1
+    assert "has no model.onnx for the onnx engine: add it with `imagerec export" in (
+        capsys.readouterr().err
+    )

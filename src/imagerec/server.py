@@ -33,8 +33,9 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 
 from imagerec.api import PredictorSlot, ServingMetrics, create_app
-from imagerec.bundle import verify_bundle
+from imagerec.bundle import Bundle
 from imagerec.config import Settings
+from imagerec.engines import choose_engine
 from imagerec.errors import ImagerecError
 from imagerec.protocols.common import protocol_error_prefixes
 
@@ -146,11 +147,13 @@ def build_app(settings: Settings):
 
 def serve(settings: Settings) -> None:
     """Serve the API until SIGINT or SIGTERM."""
-    verify_bundle(settings.model)
     if settings.front not in FRONTS:
         raise ImagerecError(
             f"the front must be one of {', '.join(FRONTS)}, not {settings.front!r}", code="usage"
         )
+    # Before the port opens: a missing or tampered bundle, or an engine it lacks, fails at once.
+    choose_engine(Bundle.load(settings.model, keras_model=False), settings.engine)
+    check_port_free(settings.host, settings.port)
     if settings.front == "waitress":
         serve_waitress(settings)
     else:
@@ -190,8 +193,27 @@ def serve_granian(settings: Settings) -> None:
         settings.threads,
         connections,
     )
-    server.serve(target_loader=functools.partial(granian_app, settings), wrap_loader=False)
+    try:
+        server.serve(target_loader=functools.partial(granian_app, settings), wrap_loader=False)
+    except RuntimeError as exc:  # Granian's own start-up errors (the socket, mostly)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImagerecError(f"the server could not start: {message}", code="serve") from None
     log.info("stopped")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with a clear message, not a traceback, when the address cannot be listened on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ImagerecError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", code="serve"
+        ) from None
 
 
 def granian_app(settings: Settings, *_target):
