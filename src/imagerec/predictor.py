@@ -38,14 +38,14 @@ def confine_python_threads(cores: int, spare: frozenset[int] = frozenset()) -> s
     request threads, Python's or Granian's, its runtime, the batcher's unless `spare`d) on the
     first `cores` of its CPUs; return that set, or None if nothing changed.
 
-    Call after the model has run once: TensorFlow's compute threads (named tf_*), started then,
-    keep every core, as do the threads in `spare` (native ids: the batcher's, where the engine
-    computes on the caller's thread, as ONNX Runtime does with one thread a session). A request
-    passes between threads several times (request thread, batcher, back); on one core those
-    wake-ups stay local instead of interrupting a CPU that is running the model. On the 2-core
-    benchmark machine that served about 10% more images per second under waitress
-    (benchmarks/results/serve.md). 0 leaves the threads alone; so does a process allowed no
-    more than `cores` CPUs.
+    Call after the model has run once. The threads in `spare` (native ids: ONNX Runtime's
+    pools, and the batcher's where the engine computes on the caller's thread, as ONNX Runtime
+    does with one thread a session) keep every core, as does any thread TensorFlow names tf_*.
+    A request passes between threads several times (request thread, batcher, back); on one core
+    those wake-ups stay local instead of interrupting a CPU that is running the model. On the
+    2-core benchmark machine that served about 10% more images per second under waitress and
+    15% more under granian with the int8 engine (README, "HTTP API"). 0 leaves the threads
+    alone; so does a process allowed no more than `cores` CPUs.
     """
     if cores <= 0 or not hasattr(os, "sched_setaffinity"):
         return None
@@ -77,6 +77,11 @@ class Predictor:
         self.max_batch = max_batch
         self.engine = choose_engine(bundle, engine)
         self._forward = open_engine(bundle, self.engine, workers)
+
+    @property
+    def compute_threads(self) -> frozenset[int]:
+        """Native ids of the threads the engine computes on besides its callers' (if it knows)."""
+        return getattr(self._forward, "thread_ids", frozenset())
 
     @classmethod
     def from_path(

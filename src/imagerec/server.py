@@ -111,8 +111,11 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
             on_batch=metrics.observe_batch,
             workers=settings.batch_workers,
         )
-        # An ONNX engine computes on the batcher's threads: those keep every core.
-        spare = batcher.thread_ids if predictor.engine != "tensorflow" else frozenset()
+        # The engine's own threads keep every core, and so do the batcher's under an ONNX
+        # engine, which computes on its callers' threads.
+        spare = predictor.compute_threads
+        if predictor.engine != "tensorflow":
+            spare |= batcher.thread_ids
         confined = confine_python_threads(settings.http_cores, spare)
     except ImagerecError as exc:
         log.error("the model could not be loaded: %s", exc.message)

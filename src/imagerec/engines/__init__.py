@@ -78,6 +78,14 @@ def open_engine(bundle: Bundle, name: str, workers: int = 1) -> Engine:
     return OnnxEngine(bundle.path / ENGINE_FILES[name], flip, workers)
 
 
+def native_thread_ids() -> frozenset[int]:
+    """The native ids of this process's threads (Linux; empty elsewhere)."""
+    from pathlib import Path
+
+    tasks = Path("/proc/self/task")
+    return frozenset(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else frozenset()
+
+
 def cores_each(workers: int) -> int:
     """This process's CPUs divided among `workers` concurrent calls (at least one each)."""
     import os

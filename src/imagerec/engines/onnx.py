@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagerec.engines import cores_each
+from imagerec.engines import cores_each, native_thread_ids
 from imagerec.errors import BundleError
 
 
@@ -28,6 +28,7 @@ class OnnxEngine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._sessions: queue.SimpleQueue = queue.SimpleQueue()
+        before = native_thread_ids()
         try:
             for _ in range(max(1, workers)):
                 session = ort.InferenceSession(
@@ -37,6 +38,9 @@ class OnnxEngine:
         except Exception as exc:  # ONNX Runtime raises its own types for a bad file
             raise BundleError(f"{path} could not be loaded by ONNX Runtime: {exc}") from None
         self._input = session.get_inputs()[0].name
+        # The sessions' pool threads (none with one thread a session: it computes on the
+        # caller's), so the server can leave them every core.
+        self.thread_ids = native_thread_ids() - before
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = images.astype(np.float32)
