@@ -131,13 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.add_argument("--cache-dir", type=Path, default=None)
-    evaluate.add_argument(
-        "--engine",
-        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
-        default=None,
-        help="the engine that runs the model (default IMAGEREC_ENGINE, else auto: the fastest "
-        "the bundle holds within 0.2 point of TensorFlow's accuracy)",
-    )
+    _add_engine_argument(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="top-k labels for image files")
@@ -149,13 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("-k", "--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true", help="machine-readable output")
-    predict.add_argument(
-        "--engine",
-        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
-        default=None,
-        help="the engine that runs the model (default IMAGEREC_ENGINE, else auto: the fastest "
-        "the bundle holds within 0.2 point of TensorFlow's accuracy)",
-    )
+    _add_engine_argument(predict)
     predict.set_defaults(handler=cmd_predict)
 
     serve = commands.add_parser("serve", help="serve a bundle over HTTP")
@@ -169,15 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the HTTP server (default IMAGEREC_FRONT, else granian)",
     )
-    serve.add_argument(
+    _add_engine_argument(serve)
+    serve.set_defaults(handler=cmd_serve)
+    return parser
+
+
+def _add_engine_argument(command: argparse.ArgumentParser) -> None:
+    from imagerec.engines import ENGINES
+
+    command.add_argument(
         "--engine",
-        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
+        choices=["auto", *ENGINES],
         default=None,
         help="the engine that runs the model (default IMAGEREC_ENGINE, else auto: the fastest "
         "the bundle holds within 0.2 point of TensorFlow's accuracy)",
     )
-    serve.set_defaults(handler=cmd_serve)
-    return parser
 
 
 def _widths(text: str) -> tuple[int, ...]:
