@@ -18,6 +18,7 @@ The bundle is rewritten atomically (bundle.add_to_bundle): a failed export leave
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -214,7 +215,7 @@ def _score_engines(
         # The engines read their files from a bundle folder: score them from a scratch copy.
         for name, data in files.items():
             (Path(work) / name).write_bytes(data)
-        scratch = Bundle(Path(work), bundle.model, *_metadata(bundle))
+        scratch = dataclasses.replace(bundle, path=Path(work))
         top1 = {}
         for name in names:
             engine = open_engine(bundle if name == "tensorflow" else scratch, name)
@@ -240,7 +241,3 @@ def _score_engines(
             }
         )
     return record
-
-
-def _metadata(bundle: Bundle) -> tuple:
-    return bundle.labels, bundle.preprocess, bundle.metrics, bundle.version
