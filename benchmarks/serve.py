@@ -347,7 +347,39 @@ BASELINE = ("waitress", "tensorflow")
 SLOW_CLIENT_ROWS = (BASELINE, ("granian", "onnx-int8"))  # the earlier server and the new one
 
 
-def report(args, limits: dict[str, dict], served: list[dict]) -> str:
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Each server's figures over the rounds: medians of throughput, latency and memory."""
+    merged = []
+    for runs in zip(*rounds, strict=True):
+        first = runs[0]
+        rows = []
+        for level_rows in zip(*(run["rows"] for run in runs), strict=True):
+            row = {"concurrency": level_rows[0]["concurrency"]}
+            row["requests"] = sum(r["requests"] for r in level_rows)
+            row["errors"] = sum(r["errors"] for r in level_rows)
+            for key in ("throughput", "p50_ms", "p99_ms"):
+                row[key] = float(np.median([r[key] for r in level_rows]))
+            rows.append(row)
+        numbers = {
+            key: float(np.median([run[key] for run in runs]))
+            for key in ("startup_s", "idle_mb", "rss_mb", "peak_mb")
+        }
+        tensorflow = any(run["tensorflow_loaded"] for run in runs)
+        merged.append({**first, **numbers, "rows": rows, "tensorflow_loaded": tensorflow})
+    return merged
+
+
+def round_ratios(rounds: list[list[dict]], best: tuple[str, str], level: int) -> list[float]:
+    """`best`'s throughput over the baseline's at `level`, within each round."""
+    ratios = []
+    for served in rounds:
+        by = {(s["front"], s["engine"]): {r["concurrency"]: r for r in s["rows"]} for s in served}
+        if best in by and level in by[BASELINE]:
+            ratios.append(by[best][level]["throughput"] / by[BASELINE][level]["throughput"])
+    return ratios
+
+
+def report(args, limits: dict[str, dict], served: list[dict], rounds: list[list[dict]]) -> str:
     baseline = next(s for s in served if (s["front"], s["engine"]) == BASELINE)
     base_by_level = {r["concurrency"]: r for r in baseline["rows"]}
     reference = limits["tensorflow"]["batched"]
@@ -385,8 +417,11 @@ def report(args, limits: dict[str, dict], served: list[dict]) -> str:
         "",
         "## HTTP, each front and engine",
         "",
-        "x baseline: images/s over the baseline row's (waitress + tensorflow, the configuration "
-        "before the compiled front and the ONNX engines) at the same concurrency; of limit: "
+        f"Each server was measured {len(rounds)} times, the servers in turn (round 1: every "
+        "server, then round 2, ...); requests and errors are totals over the rounds, the other "
+        "figures medians. x baseline: images/s over the baseline row's (waitress + tensorflow, "
+        "the configuration before the compiled front and the ONNX engines) at the same "
+        "concurrency; of limit: "
         "over that engine's in-process limit above.",
         "",
         "| front | engine | clients | requests | errors | images/s | x baseline | of limit "
@@ -441,7 +476,14 @@ def report(args, limits: dict[str, dict], served: list[dict]) -> str:
                 f"| {slow['failed']} | {slow['p50_ms']:.1f} | {slow['max_ms']:.1f} "
                 f"| {'yes' if slow['server_alive'] else 'no'} |"
             )
-    lines += ["", "## Against the targets", "", *[f"- {c}" for c in checks(limits, served)], ""]
+    lines += ["", "## Against the targets", "", *[f"- {c}" for c in checks(limits, served)]]
+    per_round = round_ratios(rounds, ("granian", "onnx-int8"), 64)
+    if per_round:
+        shown = ", ".join(f"{r:.2f}x" for r in per_round)
+        lines.append(
+            f"- granian + onnx-int8 over the baseline at 64 clients, round by round: {shown}"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -494,6 +536,13 @@ def main() -> int:
         "granian:onnx-int8",
         help="front:engine pairs; waitress:tensorflow is the baseline and always included",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="every server measured this many times, in turn, so that a drift of the machine "
+        "reaches every row alike; the tables give the median",
+    )
     parser.add_argument("--slow-clients", type=int, default=2000)
     parser.add_argument("--slow-seconds", type=float, default=15.0)
     parser.add_argument("--seconds", type=float, default=10.0, help="per in-process figure")
@@ -539,14 +588,20 @@ def main() -> int:
             limits[engine] = in_process(
                 model, engine, args.max_batch, args.seconds, args.batch_workers
             )
-        served = []
-        for front, engine in pairs:
-            slow = (front, engine) in SLOW_CLIENT_ROWS
-            print(f"imagerec serve --front {front} --engine {engine}...", file=sys.stderr)
-            config = {"front": front, "engine": engine, "model": model, "slow": slow}
-            served.append(measure_server(config, args, levels))
+        rounds = []
+        for number in range(args.rounds):
+            served = []
+            for front, engine in pairs:
+                slow = number == 0 and (front, engine) in SLOW_CLIENT_ROWS
+                print(
+                    f"round {number + 1}: imagerec serve --front {front} --engine {engine}...",
+                    file=sys.stderr,
+                )
+                config = {"front": front, "engine": engine, "model": model, "slow": slow}
+                served.append(measure_server(config, args, levels))
+            rounds.append(served)
 
-    text = report(args, limits, served)
+    text = report(args, limits, median_rows(rounds), rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
