@@ -9,12 +9,13 @@ import zlib
 
 import pytest
 
-from imagerec.api import LimitedReader, PredictorSlot, classify_uploads, create_app
+from imagerec.api import LimitedReader, classify_uploads, create_app
 from imagerec.config import Settings
 from imagerec.errors import PayloadTooLarge
 from imagerec.hugcompat import FilePart, hug
 from imagerec.images import decode_image
 from imagerec.predictor import Predictor
+from imagerec.repository import ModelRepository
 from tiny_bundle import LABELS, SAMPLES, make_tiny_bundle
 
 SETTINGS = Settings(max_body_bytes=200_000, max_pixels=1_000_000)
@@ -131,7 +132,7 @@ def test_metrics_count_requests_and_images(predictor):
 
 
 def test_not_ready_is_503_until_the_slot_is_filled(predictor):
-    slot = PredictorSlot()
+    slot = ModelRepository()
     api = create_app(slot, SETTINGS)
     assert hug.test.get(api, "/healthz").status.startswith("200")
     assert error_of(hug.test.get(api, "/readyz")) == (503, "not_ready")
@@ -140,7 +141,7 @@ def test_not_ready_is_503_until_the_slot_is_filled(predictor):
     assert error_of(response) == (503, "not_ready")
     slot.fail("the model could not be loaded: broken bundle")
     assert "broken bundle" in hug.test.get(api, "/readyz").data["error"]["message"]
-    slot.set(predictor)
+    slot.add(predictor)
     assert hug.test.get(api, "/readyz").status.startswith("200")
     response = hug.test.post(api, "/v1/predict", body=SAMPLES[0].read_bytes(), headers=jpeg)
     assert response.status.startswith("200")

@@ -140,7 +140,8 @@ def test_the_page_names_its_model_and_links_the_model_card(page, card_bundle):
 
     for title, name in (("Confusion matrix", "confusion.png"), ("Training curves", "training.png")):
         link = page.get_by_role("link", name=title)
-        expect(link).to_have_attribute("href", f"/v1/model/card/{name}")
+        query = rf"\?model={card_bundle.name}&version=[0-9a-f]{{12}}$"
+        expect(link).to_have_attribute("href", re.compile(rf"^/v1/model/card/{name}{query}"))
         picture = page.request.get(link.get_attribute("href"))
         assert picture.ok and picture.headers["content-type"] == "image/png"
 

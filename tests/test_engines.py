@@ -123,14 +123,14 @@ def test_serving_the_int8_engine_never_imports_tensorflow():
     script = textwrap.dedent(
         f"""
         import json, sys
-        from imagerec.api import PredictorSlot, create_app
+        from imagerec.api import create_app
         from imagerec.config import Settings
         from imagerec.hugcompat import hug
         from imagerec.predictor import MicroBatcher, Predictor
 
         predictor = Predictor.from_path({str(BUNDLED)!r}, engine="auto")
         predictor.warm_up()
-        api = create_app(PredictorSlot(MicroBatcher(predictor)), Settings())
+        api = create_app(MicroBatcher(predictor), Settings())
         body = open({str(SAMPLES[0])!r}, "rb").read()
         headers = {{"content-type": "image/jpeg"}}
         answer = hug.test.post(api, "/v1/predict", body=body, headers=headers)

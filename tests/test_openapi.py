@@ -16,10 +16,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from imagerec.api import DEFAULT_ROUTES, PredictorSlot, create_app
+from imagerec.api import DEFAULT_ROUTES, create_app
 from imagerec.config import Settings
 from imagerec.hugcompat import hug
 from imagerec.openapi import live_routes, openapi_document, undocumented_routes
+from imagerec.repository import ModelRepository
 
 EXAMPLES = 8  # per operation, mode and model name: about 600 requests, under a minute
 CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -48,7 +49,7 @@ def test_served_document_is_valid_openapi_31(live_server):
 
 
 def test_document_describes_exactly_the_live_routes(live_server):
-    api = create_app(PredictorSlot(), Settings())
+    api = create_app(ModelRepository(), Settings())
     assert undocumented_routes(api) == []
     served = requests.get(f"{live_server}/openapi.json", timeout=30).json()
     assert documented_routes(served) == live_routes(api)
@@ -67,7 +68,7 @@ def test_a_route_added_without_documentation_is_caught():
         def undocumented():
             return {}
 
-    api = create_app(PredictorSlot(), Settings(), routes=(*DEFAULT_ROUTES, add_undocumented))
+    api = create_app(ModelRepository(), Settings(), routes=(*DEFAULT_ROUTES, add_undocumented))
     assert undocumented_routes(api) == [("GET", "/v1/undocumented")]
     assert "/v1/undocumented" not in openapi_document(api)["paths"]
 

@@ -13,10 +13,11 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from imagerec.api import PredictorSlot, create_app
+from imagerec.api import create_app
 from imagerec.config import Settings
 from imagerec.hugcompat import hug
 from imagerec.images import decode_image
+from imagerec.repository import ModelRepository
 from tiny_bundle import LABELS, SAMPLES
 
 JPEGS = [path.read_bytes() for path in SAMPLES[:4]]
@@ -248,7 +249,7 @@ def test_binary_answer_layout_by_hand(live_server, protocol_predictor, expected)
 
 
 def test_not_ready_and_over_limit_in_process(protocol_predictor):
-    slot = PredictorSlot()
+    slot = ModelRepository()
     api = create_app(slot, Settings(max_body_bytes=1000))
     assert hug.test.get(api, "/v2/health/live").status == "200 OK"
     for path in ("/v2/health/ready", "/v2/models/tiny/ready", "/v2/models/tiny"):
@@ -259,7 +260,7 @@ def test_not_ready_and_over_limit_in_process(protocol_predictor):
     not_ready = hug.test.post(api, "/v2/models/tiny/infer", body=json.dumps({"inputs": []}))
     assert not_ready.status.startswith("503") and "loading" in not_ready.data["error"]
 
-    slot.set(protocol_predictor)
+    slot.add(protocol_predictor)
     assert hug.test.get(api, "/v2/health/ready").status == "200 OK"
     big = json.dumps({"inputs": [], "pad": "x" * 2000})
     response = hug.test.post(api, f"/v2/models/{protocol_predictor.name}/infer", body=big)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import requests
 
-from imagerec.api import PredictorSlot, create_app
+from imagerec.api import create_app
 from imagerec.config import Settings
 from imagerec.images import decode_image
 from imagerec.predictor import Predictor
+from imagerec.repository import ModelRepository
 from imagerec.server import make_server
 from live_server import free_port, running_server
 from tiny_bundle import FIXTURES, LABELS, SAMPLES, make_tiny_bundle
@@ -138,7 +139,7 @@ def _huge_png_header() -> bytes:
 
 
 def test_503_over_http_until_the_model_is_ready(predictor):
-    slot = PredictorSlot()
+    slot = ModelRepository()
     settings = Settings(host="127.0.0.1", port=free_port(), threads=2)
     server = make_server(create_app(slot, settings).http.server(), settings)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -152,7 +153,7 @@ def test_503_over_http_until_the_model_is_ready(predictor):
         headers = {"Content-Type": "image/jpeg"}
         response = requests.post(url + "/v1/predict", data=jpeg, headers=headers, timeout=30)
         assert response.status_code == 503
-        slot.set(predictor)
+        slot.add(predictor)
         assert requests.get(url + "/readyz", timeout=30).status_code == 200
     finally:
         server.close()

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import requests
 
-from imagerec.api import PredictorSlot, create_app
+from imagerec.api import create_app
 from imagerec.config import Settings
 from imagerec.hugcompat import hug
 from imagerec.images import decode_image
+from imagerec.repository import ModelRepository
 from tiny_bundle import LABELS, SAMPLES
 
 JPEGS = [path.read_bytes() for path in SAMPLES[:3]]
@@ -190,11 +191,11 @@ def test_native_v1_routes_live_beside_tf_serving(live_server, protocol_predictor
 
 
 def test_503_until_the_model_is_loaded(protocol_predictor):
-    slot = PredictorSlot()
+    slot = ModelRepository()
     api = create_app(slot, Settings())
     status = hug.test.get(api, "/v1/models/tiny")
     predict = hug.test.post(api, "/v1/models/tiny:predict", body='{"instances": [{"b64": ""}]}')
     for response in (status, predict):
         assert response.status.startswith("503") and "loading" in response.data["error"]
-    slot.set(protocol_predictor)
+    slot.add(protocol_predictor)
     assert hug.test.get(api, f"/v1/models/{protocol_predictor.name}").status == "200 OK"

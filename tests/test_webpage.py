@@ -7,10 +7,11 @@ from importlib import resources
 
 import pytest
 
-from imagerec.api import PredictorSlot, create_app
+from imagerec.api import create_app
 from imagerec.config import Settings
 from imagerec.hugcompat import hug
 from imagerec.predictor import Predictor
+from imagerec.repository import ModelRepository
 
 WEB = resources.files("imagerec") / "web"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,7 @@ def error_of(response) -> tuple[int, str]:
 
 
 def test_the_page_and_its_assets_come_from_the_package():
-    api = create_app(PredictorSlot(), Settings())  # no model yet: the page must still load
+    api = create_app(ModelRepository(), Settings())  # no model yet: the page must still load
     page = hug.test.get(api, "/")
     assert page.status.startswith("200")
     assert page.headers_dict["content-type"] == "text/html; charset=utf-8"
@@ -67,7 +68,7 @@ def test_the_page_offers_every_way_in_to_people_and_screen_readers():
 
 
 def test_unknown_static_files_are_json_404s():
-    api = create_app(PredictorSlot(), Settings())
+    api = create_app(ModelRepository(), Settings())
     for path in ("/static/nope.js", "/static/webpage.py"):
         response = hug.test.get(api, path)
         assert response.headers_dict["content-type"].startswith("application/json"), path
@@ -77,7 +78,7 @@ def test_unknown_static_files_are_json_404s():
 
 
 def test_a_client_holding_the_current_file_gets_304():
-    api = create_app(PredictorSlot(), Settings())
+    api = create_app(ModelRepository(), Settings())
     first = hug.test.get(api, "/static/app.js")
     etag = first.headers_dict["etag"]
     assert first.headers_dict["cache-control"] == "no-cache"
@@ -99,7 +100,9 @@ def test_the_model_card_lists_the_pictures_and_metrics_of_the_served_bundle(api,
         "preprocess.json",
     }
     assert files["confusion.png"]["title"] == "Confusion matrix"
-    assert files["training.png"]["url"] == "/v1/model/card/training.png"
+    served = hug.test.get(api, "/v1/model").data
+    query = f"?model={served['name']}&version={served['version']}"
+    assert files["training.png"]["url"] == "/v1/model/card/training.png" + query
     assert response.data["model"]["name"] == bundle.name
 
     for name in ("confusion.png", "training.png"):
@@ -121,6 +124,6 @@ def test_the_card_serves_only_what_the_manifest_lists_and_never_the_weights(api)
 
 
 def test_the_card_waits_for_the_model_like_the_other_model_routes():
-    api = create_app(PredictorSlot(), Settings())
+    api = create_app(ModelRepository(), Settings())
     for path in ("/v1/model/card", "/v1/model/card/confusion.png"):
         assert error_of(hug.test.get(api, path)) == (503, "not_ready")

@@ -14,10 +14,10 @@ it in `create_app(..., routes=DEFAULT_ROUTES + (add_..._routes,))`.
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +27,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -35,52 +36,20 @@ from imagerec.config import Settings
 from imagerec.errors import (
     ImagerecError,
     InvalidInput,
-    NotReady,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
 from imagerec.hugcompat import FilePart, falcon, hug, install_input_formats
 from imagerec.images import MEDIA_TYPES, decode_image
 from imagerec.openapi import add_openapi_route
-from imagerec.protocols import add_tfserving_routes, add_v2_routes
+from imagerec.protocols import add_tfserving_routes, add_v2_repository_routes, add_v2_routes
+from imagerec.repository import ModelRepository, ServedVersion
 from imagerec.webpage import add_web_routes
 
 log = logging.getLogger(__name__)
 
 RAW_IMAGE_TYPES = (*MEDIA_TYPES.values(), "image/jpg", "application/octet-stream")
 BODY_TYPES = ("multipart/form-data", "application/json", *RAW_IMAGE_TYPES)
-
-
-class PredictorSlot:
-    """Where the server puts the predictor once it is loaded and warm; until then, NotReady.
-
-    What it holds is anything with Predictor's `classify`, `labels`, `bundle`, `name` and
-    `version`: a Predictor, or a MicroBatcher in front of one.
-    """
-
-    def __init__(self, engine: Any = None):
-        self._engine = engine
-        self._failure: str | None = None
-        self._lock = threading.Lock()
-
-    def set(self, engine: Any) -> None:
-        with self._lock:
-            self._engine, self._failure = engine, None
-
-    def fail(self, message: str) -> None:
-        """Record why loading failed; /readyz and /v1/predict report it with a 503."""
-        with self._lock:
-            self._failure = message
-
-    @property
-    def ready(self) -> bool:
-        return self._engine is not None
-
-    def get(self) -> Any:
-        engine = self._engine
-        if engine is None:
-            raise NotReady(self._failure or "the model is still loading; retry in a few seconds")
-        return engine
 
 
 class ServingMetrics:
@@ -112,6 +81,47 @@ class ServingMetrics:
             "Images classified",
             registry=self.registry,
         )
+        self.model_versions = Gauge(
+            "imagerec_model_versions_loaded",
+            "Versions of each model loaded and served",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_failures = Counter(
+            "imagerec_model_load_failures",
+            "Versions that failed to verify or load (or were refused by the limit), by model",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Histogram(
+            "imagerec_model_load_duration_seconds",
+            "Time to load and warm up one version, by model",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.model_requests = Counter(
+            "imagerec_model_requests",
+            "Requests answered by a model, by model, version and status",
+            ["model", "version", "status"],
+            registry=self.registry,
+        )
+        self.model_latency = Histogram(
+            "imagerec_model_request_duration_seconds",
+            "Time from the request reaching the app to the answer, by model",
+            ["model"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+        self._loaded_names: set[str] = set()
+
+    def set_loaded(self, counts: dict[str, int]) -> None:
+        """The versions loaded per model; a model no longer loaded reads 0."""
+        for name in self._loaded_names - set(counts):
+            self.model_versions.labels(name).set(0)
+        for name, count in counts.items():
+            self.model_versions.labels(name).set(count)
+        self._loaded_names |= set(counts)
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)
@@ -121,29 +131,72 @@ class ServingMetrics:
 
 
 class Serving:
-    """The injected parts every route reaches through the `serving` directive."""
+    """The injected parts every route reaches: the model repository, settings and metrics."""
 
-    def __init__(
-        self,
-        slot: PredictorSlot,
-        settings: Settings,
-        metrics: ServingMetrics,
-    ):
-        self.slot = slot
+    def __init__(self, repository: ModelRepository, settings: Settings, metrics: ServingMetrics):
+        self.repository = repository
         self.settings = settings
         self.metrics = metrics
 
-    def engine(self) -> Any:
-        return self.slot.get()
+
+class RequestServing:
+    """What the `serving` directive hands a route: the app's parts, and `model()`, which holds
+    the version it returns until the answer is sent (ModelHolds releases it), so a version
+    replaced meanwhile is freed only after this request."""
+
+    def __init__(self, serving: Serving, request: Any):
+        self.repository = serving.repository
+        self.settings = serving.settings
+        self.metrics = serving.metrics
+        self._request = request
+
+    def model(self, name: str | None = None, version: str | None = None) -> ServedVersion:
+        """The served version asked for: the default model if `name` is None, its newest
+        version if `version` is None. 404 if not served, 503 while loading."""
+        if (
+            name is not None
+            and not isinstance(name, str)
+            or (version is not None and not isinstance(version, str))
+        ):
+            raise InvalidInput("model and version must be text", code="invalid_parameter")
+        served = self.repository.acquire(name or None, version or None)
+        held = getattr(self._request.context, "imagerec_held", None) if self._request else None
+        if held is None:  # no middleware to release it (a route called outside an app)
+            served.release()
+        else:
+            held.append(served)
+        return served
+
+
+class ModelHolds:
+    """Falcon middleware: release the versions a request held, and count the request for each."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    def process_request(self, request, response) -> None:
+        request.context.imagerec_held = []
+
+    def process_response(self, request, response, resource, req_succeeded) -> None:
+        held = getattr(request.context, "imagerec_held", None) or []
+        started = getattr(request.context, "imagerec_started", None)
+        status = str(response.status)[:3]
+        for served in held:
+            self.metrics.model_requests.labels(served.name, served.version, status).inc()
+            if started is not None:
+                elapsed = time.perf_counter() - started
+                self.metrics.model_latency.labels(served.name).observe(elapsed)
+            served.release()
+        request.context.imagerec_held = []
 
 
 _SERVING = "imagerec.serving"
 
 
 @hug.directive()
-def serving(default=None, api=None, **kwargs) -> Serving:
-    """hug directive: this API's injected parts (slot, settings, metrics)."""
-    return api.context[_SERVING]
+def serving(default=None, api=None, request=None, **kwargs) -> RequestServing:
+    """hug directive: this API's injected parts, for this request."""
+    return RequestServing(api.context[_SERVING], request)
 
 
 def http_error(exception: BaseException) -> ImagerecError:
@@ -327,6 +380,43 @@ def model_summary(engine: Any) -> dict:
     return {"name": engine.name, "version": engine.version}
 
 
+def expected_accuracy(bundle: Any) -> dict | None:
+    """The accuracy a person can expect from the bundle's answers, and where the figure comes
+    from: its held-out validation split, else the estimate recorded with the recipe that
+    trained it (a bundle trained on every image has nothing of its own held out)."""
+    metrics = bundle.metrics or {}
+    flip = bundle.preprocess.tta == "flip"  # as served: with test-time augmentation if used
+    value = metrics.get("val_accuracy_tta") if flip else None
+    if not isinstance(value, int | float):
+        value = metrics.get("val_accuracy")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {"value": float(value), "kind": "validation", "source": "held-out validation split"}
+    estimate = metrics.get("accuracy_estimate")
+    if isinstance(estimate, dict) and isinstance(estimate.get("value"), int | float):
+        return {
+            "value": float(estimate["value"]),
+            "std": estimate.get("std"),
+            "runs": estimate.get("runs"),
+            "kind": "estimate",
+            "source": str(estimate.get("source", "")),
+        }
+    return None
+
+
+def model_details(served: Any) -> dict:
+    """What /v1/model and /v1/models say of one served version."""
+    bundle = served.bundle
+    height, width = bundle.preprocess.input_size
+    return {
+        **model_summary(served),
+        "bundle_version": bundle.version,
+        "engine": getattr(served, "engine_name", None),
+        "labels": list(served.labels),
+        "input_shape": [height, width, 3],
+        "accuracy": expected_accuracy(bundle),
+    }
+
+
 def add_error_handler(api: hug.API) -> None:
     @hug.exception(Exception, api=api)
     def render_error(exception, response):
@@ -343,29 +433,59 @@ def add_health_routes(api: hug.API) -> None:
 
     @hug.get("/readyz", api=api, on_invalid=invalid_parameters)
     def readyz(serving: serving):
-        """Ready: the model is loaded and warmed up. 503 until then."""
-        return {"status": "ready", "model": model_summary(serving.engine())}
+        """Ready: the models are loaded and warmed up. 503 until then."""
+        repository = serving.repository
+        repository.readiness()
+        models = [
+            {"name": name, "versions": [v.version for v in repository.versions(name)]}
+            for name in repository.names()
+        ]
+        answer = {"status": "ready", "models": models}
+        # Several models and no default: there is no one model to name.
+        with contextlib.suppress(ImagerecError):
+            answer["model"] = model_summary(serving.model())
+        return answer
 
 
 def add_model_routes(api: hug.API) -> None:
+    @hug.get("/v1/models", api=api, on_invalid=invalid_parameters)
+    def models(serving: serving):
+        """Every served model and its versions (newest last), and which one is the default."""
+        repository = serving.repository
+        repository.readiness()
+        try:
+            default = repository.default_name()
+        except ImagerecError:
+            default = None
+        listed = []
+        for name in repository.names():
+            versions = repository.versions(name)
+            if versions:
+                newest = serving.model(name)
+                listed.append(
+                    {
+                        **model_details(newest),
+                        "versions": [v.version for v in versions],
+                        "default": name == default,
+                    }
+                )
+        return {"models": listed, "default": default}
+
     @hug.get("/v1/model", api=api, on_invalid=invalid_parameters)
-    def model(serving: serving):
-        """The served model: name, version (manifest digest), labels, input shape, metrics."""
-        engine = serving.engine()
-        bundle = engine.bundle
-        height, width = bundle.preprocess.input_size
+    def model(serving: serving, model: str = None, version: str = None):
+        """One served model (the default unless `model` names another): name, version,
+        labels, input shape, the accuracy to expect, and its bundle's metrics."""
+        served = serving.model(model, version)
         return {
-            **model_summary(engine),
-            "labels": list(engine.labels),
-            "input_shape": [height, width, 3],
-            "preprocess": bundle.preprocess.to_dict(),
-            "metrics": bundle.metrics,
+            **model_details(served),
+            "preprocess": served.bundle.preprocess.to_dict(),
+            "metrics": served.bundle.metrics,
         }
 
     @hug.get("/v1/labels", api=api, on_invalid=invalid_parameters)
-    def labels(serving: serving):
+    def labels(serving: serving, model: str = None, version: str = None):
         """The class labels, in the model's output order."""
-        return {"labels": list(serving.engine().labels)}
+        return {"labels": list(serving.model(model, version).labels)}
 
 
 def add_predict_routes(api: hug.API) -> None:
@@ -382,10 +502,13 @@ def add_predict_routes(api: hug.API) -> None:
         top_k: hug.types.greater_than(0) = None,
         image=None,
         images=None,
+        model=None,
+        version=None,
     ):
         """Classify images sent as multipart `image` fields, a raw image body, or JSON
-        {"images": [{"b64": "..."}], "top_k": 3}. One result per image, in the order sent."""
-        engine = serving.engine()
+        {"images": [{"b64": "..."}], "top_k": 3}. One result per image, in the order sent.
+        `model` (and `version`) choose the model; the default model's newest version if not."""
+        engine = serving.model(model, version)
         parts = images_from_params(image, images)
         if not parts:
             content_type = (request.content_type or "").split(";")[0].strip().lower()
@@ -426,26 +549,30 @@ DEFAULT_ROUTES: tuple[RouteAdder, ...] = (
     add_metrics_route,
     add_web_routes,
     add_v2_routes,
+    add_v2_repository_routes,
     add_tfserving_routes,
     add_openapi_route,
 )
 
 
 def create_app(
-    predictor_source: Any,
+    source: Any,
     settings: Settings,
     *,
     metrics: ServingMetrics | None = None,
     routes: Iterable[RouteAdder] = DEFAULT_ROUTES,
     name: str | None = None,
 ) -> hug.API:
-    """Build a hug API over `predictor_source`: a PredictorSlot the server fills in when the
-    model is warm, or a ready Predictor / MicroBatcher (tests, scripts)."""
-    if isinstance(predictor_source, PredictorSlot):
-        slot = predictor_source
-    else:
-        slot = PredictorSlot(predictor_source)
+    """Build a hug API over `source`: a ModelRepository (the server's, filled in the
+    background), or one ready Predictor / MicroBatcher (tests, scripts), served as it is."""
     metrics = metrics or ServingMetrics()
+    if isinstance(source, ModelRepository):
+        repository = source
+        if repository.metrics is None:
+            repository.metrics = metrics
+    else:
+        repository = ModelRepository(metrics=metrics)
+        repository.add(source)
     # hug keeps one API per module name; a fresh name gives every app its own routes.
     api = hug.API(name or f"imagerec.app.{uuid.uuid4().hex}")
     install_input_formats(api)
@@ -453,8 +580,9 @@ def create_app(
     for media_type in RAW_IMAGE_TYPES:
         api.http.set_input_format(media_type, raw_image_body)
     api.http.add_middleware(RequestMetrics(metrics))
+    api.http.add_middleware(ModelHolds(metrics))
     api.http.add_middleware(BodySizeLimit(settings.max_body_bytes))
-    api.context[_SERVING] = Serving(slot, settings, metrics)
+    api.context[_SERVING] = Serving(repository, settings, metrics)
     add_error_handler(api)
     for add_routes in routes:
         add_routes(api)

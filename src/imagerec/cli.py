@@ -146,8 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_argument(predict)
     predict.set_defaults(handler=cmd_predict)
 
-    serve = commands.add_parser("serve", help="serve a bundle over HTTP")
-    serve.add_argument("--model", type=Path, default=None)
+    serve = commands.add_parser("serve", help="serve a bundle, or a repository of them, over HTTP")
+    serve.add_argument("--model", type=Path, default=None, help="one bundle folder")
+    serve.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a model repository: DIR/NAME/ a bundle, or DIR/NAME/<n>/ numbered versions",
+    )
+    serve.add_argument("--default-model", default=None, metavar="NAME")
+    serve.add_argument(
+        "--version-policy",
+        default=None,
+        metavar="POLICY",
+        help="latest (default), latest:N, all or specific:1,3",
+    )
+    serve.add_argument(
+        "--model-control",
+        choices=["none", "poll", "explicit"],
+        default=None,
+        help="poll the repository (the default with --models), load once (none), or load and "
+        "unload through Triton's repository API (explicit)",
+    )
+    serve.add_argument("--poll-interval", type=float, default=None, metavar="SECONDS")
+    serve.add_argument("--max-versions", type=int, default=None, metavar="N")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--threads", type=int, default=None)
@@ -325,12 +348,22 @@ def cmd_serve(args) -> int:
 
     settings = Settings.from_env(
         model=args.model,
+        models=args.models,
+        default_model=args.default_model,
+        version_policy=args.version_policy,
+        model_control=args.model_control,
+        poll_interval_s=args.poll_interval,
+        max_versions=args.max_versions,
         host=args.host,
         port=args.port,
         threads=args.threads,
         engine=args.engine,
         front=args.front,
     )
+    if args.model is not None and args.models is not None:
+        raise ImagerecError(
+            "give --model (one bundle) or --models (a repository), not both", code="usage"
+        )
     serve(settings)
     return 0
 

@@ -23,6 +23,12 @@ def _default_cache() -> Path:
 @dataclass
 class Settings:
     model: Path = DEFAULT_MODEL
+    models: Path | None = None  # a repository folder: serve every bundle in it (not `model`)
+    default_model: str | None = None  # the native routes' model when a request names none
+    version_policy: str = "latest"  # latest, latest:N, all or specific:1,3 (TF Serving's)
+    model_control: str = ""  # none, poll or explicit; "" is poll with `models`, else none
+    poll_interval_s: float = 1.0  # how often `poll` re-scans the repository (TF Serving's 1 s)
+    max_versions: int = 16  # versions loaded at once, all models together
     host: str = "127.0.0.1"
     port: int = 8000
     front: str = "granian"  # the HTTP server: granian (compiled) or waitress (pure Python)
@@ -52,12 +58,20 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.model = Path(settings.model)
+        settings.models = Path(settings.models) if settings.models is not None else None
         settings.cache_dir = Path(settings.cache_dir)
         return settings
 
 
 def _convert(name: str, raw: str, kind: str):
-    converters = {"int": int, "float": float, "str": str, "Path": Path}
+    converters = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "Path": Path,
+        "str | None": str,
+        "Path | None": Path,
+    }
     try:
         return converters[kind](raw)
     except ValueError:

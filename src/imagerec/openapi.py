@@ -33,6 +33,7 @@ def answer(description: str, schema: dict | None = None, media: str = "applicati
 BINARY = {"type": "string", "format": "binary"}
 NATIVE_ERRORS = {
     "400": answer("The request is malformed", ref("Error")),
+    "404": answer("No such model or version being served", ref("Error")),
     "413": answer("The body or an image is over the size limit", ref("Error")),
     "415": answer("Not a supported content type or image format", ref("Error")),
     "503": answer("The model is still loading (or failed to load)", ref("Error")),
@@ -80,9 +81,26 @@ TOP_K = {
     "description": "How many labels to return per image, best first",
     "schema": {"type": "integer", "minimum": 1},
 }
+MODEL_CHOICE = (
+    {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "description": "The model to use (GET /v1/models lists them); the default model if absent",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "version",
+        "in": "query",
+        "required": False,
+        "description": "The model's version; its newest served version if absent",
+        "schema": {"type": "string"},
+    },
+)
 PATH_PARAMETERS = {
     "name": "The model name (the bundle's folder name, e.g. cifar10)",
-    "version": "The model version: the bundle version (TF Serving also takes it in decimal)",
+    "version": "The model version: its number (DIR/NAME/7), or a plain bundle's version (TF "
+    "Serving also takes that in decimal)",
 }
 PATH_PARAMETER = re.compile(r"{(\w+)}")
 
@@ -117,6 +135,7 @@ V2_INFER_RESPONSES = {
 TF_PREDICT_BODY = json_content(ref("TFPredictRequest"))
 TF_CLASSIFY_BODY = json_content(ref("TFClassifyRequest"))
 READ_ERRORS = errors(PROTOCOL_ERRORS, "404", "503")
+READ_WRITE_ERRORS = errors(PROTOCOL_ERRORS, "400", "404")
 TF_POST_ERRORS = errors(PROTOCOL_ERRORS, "400", "404", "405", "413", "415", "503")
 
 OPERATIONS: dict[tuple[str, str], dict] = {
@@ -135,24 +154,31 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "health",
         {"200": answer("Prometheus text exposition format", {"type": "string"}, "text/plain")},
     ),
-    ("GET", "/v1/model"): operation(
-        "The served model: name, version, labels, input shape, preprocessing, metrics",
+    ("GET", "/v1/models"): operation(
+        "Every served model with its versions, the accuracy to expect, and the default model",
         "imagerec",
-        {"200": answer("The model", ref("Model")), **errors(NATIVE_ERRORS, "503")},
+        {"200": answer("The models", ref("Models")), **errors(NATIVE_ERRORS, "503")},
+    ),
+    ("GET", "/v1/model"): operation(
+        "One served model: name, version, labels, input shape, accuracy, preprocessing, metrics",
+        "imagerec",
+        {"200": answer("The model", ref("Model")), **errors(NATIVE_ERRORS, "400", "404", "503")},
+        query=MODEL_CHOICE,
     ),
     ("GET", "/v1/labels"): operation(
         "The class labels, in the model's output order",
         "imagerec",
-        {"200": answer("The labels", ref("Labels")), **errors(NATIVE_ERRORS, "503")},
+        {"200": answer("The labels", ref("Labels")), **errors(NATIVE_ERRORS, "400", "404", "503")},
+        query=MODEL_CHOICE,
     ),
     ("POST", "/v1/predict"): operation(
         "Classify images: multipart 'image' fields, a raw image body, or JSON base64",
         "imagerec",
         {
             "200": answer("One result per image, in the order sent", ref("PredictResponse")),
-            **errors(NATIVE_ERRORS, "400", "413", "415", "503"),
+            **errors(NATIVE_ERRORS, "400", "404", "413", "415", "503"),
         },
-        query=(TOP_K,),
+        query=(TOP_K, *MODEL_CHOICE),
         body={
             "multipart/form-data": {
                 "schema": {
@@ -193,7 +219,8 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/v1/model/card"): operation(
         "The served model's card: its pictures and metrics files, with a title and URL each",
         "web",
-        {"200": answer("The card", ref("ModelCard")), **errors(NATIVE_ERRORS, "503")},
+        {"200": answer("The card", ref("ModelCard")), **errors(NATIVE_ERRORS, "404", "503")},
+        query=MODEL_CHOICE,
     ),
     ("GET", "/v1/model/card/{name}"): operation(
         "One file of the model card, e.g. confusion.png or training.png",
@@ -210,9 +237,10 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                 },
             },
             "304": NOT_MODIFIED,
-            "404": answer("The card has no such file", ref("Error")),
+            "404": answer("The card has no such file, or no such model", ref("Error")),
             **errors(NATIVE_ERRORS, "503"),
         },
+        query=MODEL_CHOICE,
     ),
     ("GET", "/openapi.json"): operation(
         "This document: OpenAPI 3.1 for every route (import it into Postman)",
@@ -233,6 +261,24 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "OIP v2 server ready: 503 while the model loads",
         "open inference protocol v2",
         {"200": answer("Ready", ref("ServerReady")), **errors(PROTOCOL_ERRORS, "503")},
+    ),
+    ("POST", "/v2/repository/index"): operation(
+        "Triton model repository: every model's versions, state and reason",
+        "open inference protocol v2",
+        {"200": answer("The index", ref("RepositoryIndex")), **errors(PROTOCOL_ERRORS, "400")},
+        body=json_content(ref("RepositoryIndexRequest")),
+    ),
+    ("POST", "/v2/repository/models/{name}/load"): operation(
+        "Triton model repository: load (or reload) a model; --model-control explicit only",
+        "open inference protocol v2",
+        {"200": answer("Loaded and serving", {"type": "object"}), **READ_WRITE_ERRORS},
+        body=json_content(ref("RepositoryRequest")),
+    ),
+    ("POST", "/v2/repository/models/{name}/unload"): operation(
+        "Triton model repository: unload a model; --model-control explicit only",
+        "open inference protocol v2",
+        {"200": answer("Unloaded", {"type": "object"}), **READ_WRITE_ERRORS},
+        body=json_content(ref("RepositoryRequest")),
     ),
     ("GET", "/v2/models/{name}"): operation(
         "OIP v2 model metadata",
@@ -370,18 +416,72 @@ SCHEMAS: dict[str, dict] = {
     ),
     "Status": _object({"status": STRING}, ("status",)),
     "ModelSummary": _object({"name": STRING, "version": STRING}, ("name", "version")),
-    "Ready": _object({"status": STRING, "model": ref("ModelSummary")}, ("status", "model")),
+    "Ready": _object(
+        {
+            "status": STRING,
+            "model": ref("ModelSummary"),
+            "models": {
+                "type": "array",
+                "items": _object({"name": STRING, "versions": STRINGS}, ("name", "versions")),
+            },
+        },
+        ("status", "models"),
+    ),
+    "Accuracy": {
+        "type": ["object", "null"],
+        "description": "The accuracy to expect: of a held-out validation split, or (kind "
+        "'estimate') the figure recorded with the recipe that trained a bundle with none held out",
+        "properties": {
+            "value": NUMBER,
+            "kind": STRING,
+            "source": STRING,
+            "std": {"type": ["number", "null"]},
+            "runs": {"type": ["integer", "null"]},
+        },
+    },
     "Model": _object(
         {
             "name": STRING,
             "version": STRING,
+            "bundle_version": STRING,
+            "engine": {"type": ["string", "null"]},
             "labels": STRINGS,
             "input_shape": {"type": "array", "items": INTEGER},
+            "accuracy": ref("Accuracy"),
             "preprocess": {"type": "object"},
             "metrics": {"type": "object"},
         },
         ("name", "version", "labels", "input_shape"),
     ),
+    "Models": _object(
+        {
+            "models": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "name": STRING,
+                        "version": STRING,
+                        "versions": STRINGS,
+                        "default": {"type": "boolean"},
+                        "labels": STRINGS,
+                        "accuracy": ref("Accuracy"),
+                    },
+                    ("name", "version", "versions"),
+                ),
+            },
+            "default": {"type": ["string", "null"]},
+        },
+        ("models",),
+    ),
+    "RepositoryIndexRequest": _object({"ready": {"type": "boolean"}}),
+    "RepositoryRequest": _object({"parameters": {"type": "object"}}),
+    "RepositoryIndex": {
+        "type": "array",
+        "items": _object(
+            {"name": STRING, "version": STRING, "state": STRING, "reason": STRING},
+            ("name", "state"),
+        ),
+    },
     "Labels": _object({"labels": STRINGS}, ("labels",)),
     "PredictRequest": _object(
         {

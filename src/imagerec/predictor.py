@@ -56,9 +56,9 @@ def confine_python_threads(cores: int, spare: frozenset[int] = frozenset()) -> s
     tasks = Path("/proc/self/task")
     for task in tasks.iterdir() if tasks.is_dir() else []:
         try:
-            if int(task.name) in spare or (task / "comm").read_text().startswith("tf_"):
-                continue
-            os.sched_setaffinity(int(task.name), chosen)
+            compute = int(task.name) in spare or (task / "comm").read_text().startswith("tf_")
+            # A model loaded later starts its threads from a confined one: give them all back.
+            os.sched_setaffinity(int(task.name), allowed if compute else chosen)
         except OSError as exc:  # the thread ended meanwhile, or the system refuses
             log.info("thread %s keeps its CPUs: %s", task.name, exc)
     return chosen

@@ -25,19 +25,22 @@ import gc
 import json
 import logging
 import signal
-import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from waitress import create_server
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 
-from imagerec.api import PredictorSlot, ServingMetrics, create_app
+from imagerec.api import ServingMetrics, create_app
 from imagerec.bundle import Bundle
 from imagerec.config import Settings
 from imagerec.engines import choose_engine
 from imagerec.errors import ImagerecError
 from imagerec.protocols.common import protocol_error_prefixes
+from imagerec.repository import MODES, ModelRepository, VersionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +92,15 @@ def make_server(app, settings: Settings, protocol_prefixes: tuple[str, ...] = ()
     return server
 
 
-def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics) -> None:
-    """Load, warm up and put a micro-batched predictor into `slot` (run in a thread)."""
-    try:
+def make_loader(settings: Settings, metrics: ServingMetrics) -> Callable[[Path], Any]:
+    """The repository's loader: a bundle folder to a warm, micro-batched predictor."""
+    compute_threads: set[int] = set()  # of every version loaded so far; they keep all CPUs
+
+    def load(path: Path):
         from imagerec.predictor import MicroBatcher, Predictor, confine_python_threads
 
         predictor = Predictor.from_path(
-            settings.model,
+            path,
             max_batch=settings.max_batch,
             engine=settings.engine,
             workers=settings.batch_workers,
@@ -113,23 +118,30 @@ def load_model(slot: PredictorSlot, settings: Settings, metrics: ServingMetrics)
         )
         # The engine's own threads keep every core, and so do the batcher's under an ONNX
         # engine, which computes on its callers' threads.
-        spare = predictor.compute_threads
+        compute_threads.update(predictor.compute_threads)
         if predictor.engine != "tensorflow":
-            spare |= batcher.thread_ids
-        confined = confine_python_threads(settings.http_cores, spare)
-    except ImagerecError as exc:
-        log.error("the model could not be loaded: %s", exc.message)
-        slot.fail(f"the model could not be loaded: {exc.message}")
-        return
-    except Exception as exc:
-        log.exception("the model could not be loaded")
-        slot.fail(f"the model could not be loaded: {exc}")
-        return
-    slot.set(batcher)
-    if confined:
-        log.info("Python threads on CPU %s, the model's on all", sorted(confined))
-    log.info(
-        "ready: model %s version %s, engine %s", predictor.name, predictor.version, predictor.engine
+            compute_threads.update(batcher.thread_ids)
+        confined = confine_python_threads(settings.http_cores, frozenset(compute_threads))
+        if confined:
+            log.info("Python threads on CPU %s, the models' on all", sorted(confined))
+        return batcher
+
+    return load
+
+
+def build_repository(settings: Settings, metrics: ServingMetrics) -> ModelRepository:
+    """The server's model repository: `--models DIR`, or `--model PATH` as a repository of one."""
+    mode = settings.model_control or ("poll" if settings.models is not None else "none")
+    return ModelRepository(
+        settings.models,
+        bundles=() if settings.models is not None else (settings.model,),
+        loader=make_loader(settings, metrics),
+        policy=VersionPolicy.parse(settings.version_policy),
+        mode=mode,
+        poll_interval_s=settings.poll_interval_s,
+        max_versions=settings.max_versions,
+        default_model=settings.default_model,
+        metrics=metrics,
     )
 
 
@@ -137,15 +149,36 @@ FRONTS = ("granian", "waitress")
 
 
 def build_app(settings: Settings):
-    """The WSGI app over a slot that a background thread fills with the warm model."""
-    slot = PredictorSlot()
+    """The app over a repository that a background thread loads (and polls, if it does)."""
     metrics = ServingMetrics()
-    api = create_app(slot, settings, metrics=metrics)
-    loader = threading.Thread(
-        target=load_model, args=(slot, settings, metrics), name="imagerec-loader", daemon=True
-    )
-    loader.start()
-    return api, slot
+    repository = build_repository(settings, metrics)
+    api = create_app(repository, settings, metrics=metrics)
+    repository.start()
+    return api, repository
+
+
+def check_models(settings: Settings) -> None:
+    """Before the port opens: a missing or tampered bundle, an engine it lacks, a repository
+    folder that is not there, or a bad policy fails at once."""
+    VersionPolicy.parse(settings.version_policy)
+    if settings.model_control and settings.model_control not in MODES:
+        raise ImagerecError(
+            f"model control must be one of {', '.join(MODES)}, not {settings.model_control!r}",
+            code="usage",
+        )
+    if settings.models is None:
+        choose_engine(Bundle.load(settings.model, keras_model=False), settings.engine)
+        return
+    if not settings.models.is_dir():
+        raise ImagerecError(f"--models {settings.models}: no such folder", code="usage")
+    if settings.max_versions < 1:
+        raise ImagerecError("--max-versions must be at least 1", code="usage")
+
+
+def described(settings: Settings) -> str:
+    if settings.models is not None:
+        return f"the models in {settings.models}"
+    return str(settings.model)
 
 
 def serve(settings: Settings) -> None:
@@ -154,8 +187,7 @@ def serve(settings: Settings) -> None:
         raise ImagerecError(
             f"the front must be one of {', '.join(FRONTS)}, not {settings.front!r}", code="usage"
         )
-    # Before the port opens: a missing or tampered bundle, or an engine it lacks, fails at once.
-    choose_engine(Bundle.load(settings.model, keras_model=False), settings.engine)
+    check_models(settings)
     check_port_free(settings.host, settings.port)
     if settings.front == "waitress":
         serve_waitress(settings)
@@ -190,7 +222,7 @@ def serve_granian(settings: Settings) -> None:
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info(
         "serving %s on http://%s:%s/ (granian, %d Python threads, %d connections at most)",
-        settings.model,
+        described(settings),
         shown,
         settings.port,
         settings.threads,
@@ -221,7 +253,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def granian_app(settings: Settings, *_target):
     """Run in Granian's worker process: the app, with the model loading behind it."""
-    api, _slot = build_app(settings)
+    api, _repository = build_app(settings)
     return api.http.server()
 
 
@@ -243,7 +275,7 @@ def raise_file_limit() -> int:
 
 def serve_waitress(settings: Settings) -> None:
     """waitress, in this process."""
-    api, slot = build_app(settings)
+    api, repository = build_app(settings)
     server = make_server(api.http.server(), settings, protocol_error_prefixes(api))
 
     def stop(signum, _frame):
@@ -256,7 +288,7 @@ def serve_waitress(settings: Settings) -> None:
     shown = f"[{host}]" if ":" in str(host) else host
     log.info(
         "serving %s on http://%s:%s/ (waitress, %d threads)",
-        settings.model,
+        described(settings),
         shown,
         port,
         settings.threads,
@@ -266,6 +298,5 @@ def serve_waitress(settings: Settings) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if slot.ready and hasattr(slot.get(), "close"):
-            slot.get().close()  # finish the batches in flight
+        repository.close()  # finish the batches in flight
         log.info("stopped")

@@ -11,6 +11,7 @@ no CDN, so it works on a machine with no internet. Register it with
 import hashlib
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlencode
 
 from imagerec.bundle import MANIFEST
 from imagerec.errors import NotFound
@@ -106,16 +107,19 @@ def add_web_routes(api: hug.API) -> None:
         return send_web_file(request, response, name)
 
     @hug.get("/v1/model/card", api=api, on_invalid=invalid_parameters)
-    def card(serving: serving):
-        """The served model's card: its pictures and metrics, with a title and URL each."""
-        bundle = serving.engine().bundle
+    def card(serving: serving, model: str = None, version: str = None):
+        """A served model's card (the default model unless `model` names another): its
+        pictures and metrics, with a title and URL each."""
+        served = serving.model(model, version)
+        bundle = served.bundle
+        query = "?" + urlencode({"model": served.name, "version": served.version})
         return {
-            "model": {"name": bundle.name, "version": bundle.version},
+            "model": {"name": served.name, "version": served.version},
             "files": [
                 {
                     "name": name,
                     "title": CARD_TITLES.get(name, name),
-                    "url": f"/v1/model/card/{name}",
+                    "url": f"/v1/model/card/{name}{query}",
                     "content_type": CARD_TYPES[Path(name).suffix],
                 }
                 for name in sorted(card_files(bundle.path))
@@ -123,9 +127,11 @@ def add_web_routes(api: hug.API) -> None:
         }
 
     @hug.get("/v1/model/card/{name}", api=api, output=as_sent)
-    def card_file(name: str, request, response, serving: serving):
-        """One file of the served model's card, e.g. confusion.png or training.png."""
-        bundle_path = Path(serving.engine().bundle.path)
+    def card_file(
+        name: str, request, response, serving: serving, model: str = None, version: str = None
+    ):
+        """One file of a served model's card, e.g. confusion.png or training.png."""
+        bundle_path = Path(serving.model(model, version).bundle.path)
         digest = card_files(bundle_path).get(name)
         if digest is None:
             raise NotFound(f"the model card has no file named {name!r}")

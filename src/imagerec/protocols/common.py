@@ -22,7 +22,6 @@ import numpy as np
 from imagerec.errors import (
     ImagerecError,
     InvalidInput,
-    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
@@ -177,12 +176,3 @@ def probabilities(serving: Any, engine: Any, batch: list[np.ndarray] | np.ndarra
 def ranked(row: np.ndarray, k: int) -> list[int]:
     """Indices of the k highest scores, ties in label order (as Predictor.top_k ranks them)."""
     return [int(i) for i in np.argsort(-row, kind="stable")[:k]]
-
-
-def check_model(engine: Any, name: str, version: str | None, versions: tuple[str, ...] = ()):
-    """404 unless `name` (and `version`, if given) is the served model."""
-    if name != engine.name:
-        raise NotFound(f"unknown model {name!r}: this server serves {engine.name!r}")
-    accepted = versions or (engine.version,)
-    if version is not None and version not in accepted:
-        raise NotFound(f"model {name!r} has no version {version!r}; its version is {accepted[0]!r}")

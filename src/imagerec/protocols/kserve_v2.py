@@ -27,7 +27,6 @@ import imagerec
 from imagerec.errors import InvalidInput
 from imagerec.hugcompat import hug
 from imagerec.protocols.common import (
-    check_model,
     decode_b64,
     install_protocol_errors,
     leaves,
@@ -60,11 +59,11 @@ def server_metadata() -> dict:
     return {"name": "imagerec", "version": imagerec.__version__, "extensions": EXTENSIONS}
 
 
-def model_metadata(engine: Any) -> dict:
+def model_metadata(engine: Any, versions: list[str]) -> dict:
     height, width = engine.input_size
     return {
         "name": engine.name,
-        "versions": [engine.version],
+        "versions": versions,
         "platform": PLATFORM,
         "inputs": [
             {"name": INPUT_IMAGE, "datatype": "BYTES", "shape": [-1]},
@@ -261,8 +260,7 @@ def infer_response(
 
 def infer(request, response, serving: Any, name: str, version: str | None) -> bytes | dict:
     """One inference: parse, check, run the model, answer (JSON, or JSON + binary data)."""
-    engine = serving.engine()
-    check_model(engine, name, version)
+    engine = serving.model(name, version)
     body = read_body(request, serving.settings.max_body_bytes)
     request_json, binary = split_request(body, request.get_header(HEADER_LENGTH))
     if "id" in request_json and not isinstance(request_json["id"], str):
@@ -300,37 +298,34 @@ def add_v2_routes(api: hug.API) -> None:
 
     @hug.get("/v2/health/ready", **route)
     def v2_ready(serving: serving):
-        """Ready: the model is loaded and warm. 503 until then."""
-        serving.engine()
+        """Ready: the models are loaded and warm. 503 until then."""
+        serving.repository.readiness()
         return {"ready": True}
+
+    def metadata(serving, name: str, version: str | None) -> dict:
+        engine = serving.model(name, version)
+        versions = [v.version for v in serving.repository.versions(name)]
+        return model_metadata(engine, versions if version is None else [engine.version])
 
     @hug.get("/v2/models/{name}", **route)
     def v2_model(name: str, serving: serving):
-        """Model metadata: inputs, outputs, versions."""
-        engine = serving.engine()
-        check_model(engine, name, None)
-        return model_metadata(engine)
+        """Model metadata: inputs, outputs, the versions served."""
+        return metadata(serving, name, None)
 
     @hug.get("/v2/models/{name}/versions/{version}", **route)
     def v2_model_version(name: str, version: str, serving: serving):
         """Model metadata of one version."""
-        engine = serving.engine()
-        check_model(engine, name, version)
-        return model_metadata(engine)
+        return metadata(serving, name, version)
 
     @hug.get("/v2/models/{name}/ready", **route)
     def v2_model_ready(name: str, serving: serving):
-        """Model ready: 200 once it can infer, 503 while it loads, 404 for another name."""
-        engine = serving.engine()
-        check_model(engine, name, None)
-        return {"name": engine.name, "ready": True}
+        """Model ready: 200 once it can infer, 503 while it loads, 404 for a model not served."""
+        return {"name": serving.model(name).name, "ready": True}
 
     @hug.get("/v2/models/{name}/versions/{version}/ready", **route)
     def v2_model_version_ready(name: str, version: str, serving: serving):
         """Model ready, for one version."""
-        engine = serving.engine()
-        check_model(engine, name, version)
-        return {"name": engine.name, "ready": True}
+        return {"name": serving.model(name, version).name, "ready": True}
 
     @hug.post("/v2/models/{name}/infer", parse_body=False, **route)
     def v2_infer(name: str, request, response, serving: serving):
@@ -341,3 +336,52 @@ def add_v2_routes(api: hug.API) -> None:
     def v2_infer_version(name: str, version: str, request, response, serving: serving):
         """Inference on one version."""
         return infer(request, response, serving, name, version)
+
+
+def repository_body(request, serving: Any) -> dict:
+    """The optional JSON body of a repository request ({} when empty)."""
+    body = read_body(request, serving.settings.max_body_bytes)
+    return parse_json_object(body, "the repository request") if body.strip() else {}
+
+
+def add_v2_repository_routes(api: hug.API) -> None:
+    """Triton's model repository extension: list, load and unload models. Loading and
+    unloading are allowed only under `--model-control explicit`, as in Triton."""
+    from imagerec.api import serving
+
+    install_protocol_errors(api, "/v2")
+    route = {"api": api, "output": json_or_bytes, "parse_body": False}
+
+    @hug.post("/v2/repository/index", **route)
+    def v2_repository_index(request, serving: serving):
+        """Every model in the repository: name, version, state (READY or UNAVAILABLE), reason.
+        {"ready": true} lists the ready ones only."""
+        body = repository_body(request, serving)
+        ready_only = body.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidInput('"ready" must be true or false')
+        rows = serving.repository.index()
+        return [row for row in rows if row["state"] == "READY"] if ready_only else rows
+
+    @hug.post("/v2/repository/models/{name}/load", **route)
+    def v2_repository_load(name: str, request, serving: serving):
+        """Load (or reload) a model's versions from the repository; answers once they serve."""
+        parameters = repository_body(request, serving).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput('"parameters" must be an object')
+        if parameters:
+            raise InvalidInput(
+                f"load parameters are not supported ({', '.join(sorted(parameters))}): the "
+                "model is read from its folder in the repository"
+            )
+        serving.repository.load(name)
+        return {}
+
+    @hug.post("/v2/repository/models/{name}/unload", **route)
+    def v2_repository_unload(name: str, request, serving: serving):
+        """Stop serving a model; each version is freed once its requests in flight finish."""
+        parameters = repository_body(request, serving).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput('"parameters" must be an object')
+        serving.repository.unload(name)
+        return {}

@@ -6,15 +6,15 @@
     POST /v1/models/{name}[/versions/{v}]:classify     {"examples": [{"image": {"b64": ...}}]}
     POST /v1/models/{name}[/versions/{v}]:regress      400: the model is a classifier
 
-TF Serving's versions are integers, so the bundle version (12 hex digits of the manifest digest)
-is given as the same number in decimal; either form is accepted in a URL. TF Serving owns the
+TF Serving's versions are integers: a numbered version (DIR/NAME/7) is its number; a plain
+bundle's version (12 hex digits of the manifest digest) is given as the same number in decimal,
+and either form is accepted in a URL. TF Serving owns the
 `/v1/models/` prefix, which none of imagerec's own routes (/v1/model, /v1/labels, /v1/predict)
 use, so both live side by side. Errors are {"error": "message"}.
 """
 
 # No `from __future__ import annotations`: hug reads the annotations as validators and directives.
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,6 @@ import numpy as np
 from imagerec.errors import InvalidInput
 from imagerec.hugcompat import hug
 from imagerec.protocols.common import (
-    check_model,
     decode_b64,
     install_protocol_errors,
     parse_json_object,
@@ -40,27 +39,16 @@ OUTPUT = "probabilities"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 
-def tf_version(version: str) -> int:
-    """The bundle version as TF Serving's int64 version: the hex digest read as a number."""
-    try:
-        return int(version, 16)
-    except ValueError:  # not hex: a stable number all the same
-        return int(hashlib.sha256(version.encode()).hexdigest()[:12], 16)
-
-
-def served(engine: Any, name: str, version: str | None) -> None:
-    """404 unless the URL names the served model (and one of its two version spellings)."""
-    check_model(engine, name, version, (str(tf_version(engine.version)), engine.version))
-
-
-def model_status(engine: Any) -> dict:
+def model_status(versions: list[Any]) -> dict:
+    """GetModelStatusResponse: every version given, AVAILABLE."""
     return {
         "model_version_status": [
             {
-                "version": str(tf_version(engine.version)),
+                "version": str(served.numeric_version),
                 "state": "AVAILABLE",
                 "status": {"error_code": "OK", "error_message": ""},
             }
+            for served in versions
         ]
     }
 
@@ -81,7 +69,7 @@ def model_metadata(engine: Any) -> dict:
         "model_spec": {
             "name": engine.name,
             "signature_name": "",
-            "version": str(tf_version(engine.version)),
+            "version": str(engine.numeric_version),
         },
         "metadata": {
             "signature_def": {
@@ -178,18 +166,15 @@ def add_tfserving_routes(api: hug.API) -> None:
     install_protocol_errors(api, "/v1/models/")
 
     def status(serving, name: str, version: str | None) -> dict:
-        engine = serving.engine()
-        served(engine, name, version)
-        return model_status(engine)
+        engine = serving.model(name, version)
+        versions = serving.repository.versions(name) if version is None else [engine]
+        return model_status(versions)
 
     def metadata(serving, name: str, version: str | None) -> dict:
-        engine = serving.engine()
-        served(engine, name, version)
-        return model_metadata(engine)
+        return model_metadata(serving.model(name, version))
 
     def predict(request, serving, name: str, version: str | None) -> dict:
-        engine = serving.engine()
-        served(engine, name, version)
+        engine = serving.model(name, version)
         body = parse_json_object(read_body(request, serving.settings.max_body_bytes))
         check_signature(body)
         instances, answer_key = predict_instances(body)
@@ -198,8 +183,7 @@ def add_tfserving_routes(api: hug.API) -> None:
         return {answer_key: probabilities(serving, engine, images).tolist()}
 
     def classify(request, serving, name: str, version: str | None) -> dict:
-        engine = serving.engine()
-        served(engine, name, version)
+        engine = serving.model(name, version)
         body = parse_json_object(read_body(request, serving.settings.max_body_bytes))
         check_signature(body, (*SIGNATURE_NAMES, "tensorflow/serving/classify"))
         if body.get("context"):
@@ -219,7 +203,7 @@ def add_tfserving_routes(api: hug.API) -> None:
         }
 
     def regress(serving, name: str, version: str | None) -> dict:
-        served(serving.engine(), name, version)
+        serving.model(name, version)
         raise InvalidInput(
             "Expected regression signature method_name to be tensorflow/serving/regress. "
             f"Was: {PREDICT_METHOD} (this model is a classifier: use :classify or :predict)"
