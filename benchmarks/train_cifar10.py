@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from imagerec.bundle import BundleError, verify_bundle
+from imagerec.bundle import BundleError, add_to_bundle, verify_bundle
 from imagerec.train import TrainConfig
 from machine import cpu_description
 
@@ -82,6 +82,8 @@ def main() -> int:
             ["--seed", "0", "--val-split", "0", "--epochs", str(epochs)],
             "final, 50,000",
         )
+        if runs:
+            record_estimate(args, final, runs)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(report(args, runs, compared, final))
     print(f"wrote {args.results}")
@@ -125,6 +127,34 @@ def run(args, out: Path, extra: list[str], label: str) -> dict:
         record_path.write_text(json.dumps(records, indent=1))
     metrics = json.loads(metrics_path.read_text())
     return {"label": label, "out": out, "metrics": metrics, "command_s": command_s}
+
+
+def accuracy_estimate(runs: list[dict], tta: bool) -> dict:
+    """The seeds' mean validation accuracy (as served: with flip TTA if the bundle uses it)."""
+    key = "val_accuracy_tta" if tta else "val_accuracy"
+    values = [r["metrics"][key] for r in runs]
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {
+        "value": round(statistics.mean(values), 4),
+        "std": round(std, 4) if std is not None else None,
+        "runs": len(values),
+        "source": f"benchmarks/results/train_cifar10.md: mean {key} of {len(values)} seeds of "
+        "this recipe on a 45,000/5,000 split of the training images",
+    }
+
+
+def record_estimate(args, final: dict, runs: list[dict]) -> None:
+    """The final bundle holds nothing out: give it the estimate that fixed its recipe."""
+    metrics = dict(final["metrics"])
+    metrics["accuracy_estimate"] = accuracy_estimate(
+        runs, metrics.get("config", {}).get("tta") == "flip"
+    )
+    add_to_bundle(final["out"], {}, metrics)
+    final["metrics"] = metrics
+    record_path = args.work / "commands.json"
+    records = json.loads(record_path.read_text())
+    records[str(Path(final["out"]).resolve())]["version"] = _version(final["out"])
+    record_path.write_text(json.dumps(records, indent=1))
 
 
 def _version(bundle: Path) -> str | None:

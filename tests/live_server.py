@@ -43,11 +43,19 @@ def wait_for(url: str, status: int, process: subprocess.Popen | None = None, lim
 
 
 @contextlib.contextmanager
-def running_server(bundle: Path, log_dir: Path, env: dict[str, str] | None = None):
-    """`imagerec serve --model bundle` on a free port, ready (model loaded and warm)."""
+def running_server(
+    bundle: Path,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    models: bool = False,
+    extra: tuple[str, ...] = (),
+):
+    """`imagerec serve --model bundle` (or `--models bundle`, a repository folder) on a free
+    port, ready (models loaded and warm)."""
     port = free_port()
     log_path = log_dir / "serve.log"
-    command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(bundle)]
+    flag = "--models" if models else "--model"
+    command = [sys.executable, "-m", "imagerec.cli", "serve", flag, str(bundle), *extra]
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [*command, "--port", str(port)],

@@ -25,6 +25,7 @@ except ImportError:  # reported by the `browser` fixture, as a skip or (under CI
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLES = FIXTURES / "samples"
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "cifar10"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 # The test machine has no internet: keep Chromium from phoning home and retrying refusals.
 CHROMIUM_ARGS = [
@@ -100,35 +101,44 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
-def test_the_accuracy_shown_is_that_of_the_predictions_as_served(browser, server):
-    """With flip TTA in the bundle, the page gives the validation accuracy with flip TTA."""
-    context = browser.new_context(base_url=server)
+@pytest.fixture(scope="module")
+def repository_server(card_bundle, tmp_path_factory):
+    """`imagerec serve --models DIR` over the bundled CIFAR-10 model and the card bundle."""
+    repository = tmp_path_factory.mktemp("repository")
+    shutil.copytree(BUNDLED, repository / "cifar10")
+    shutil.copytree(card_bundle, repository / "cifar-small")
+    with running_server(repository, tmp_path_factory.mktemp("serve"), models=True) as live:
+        yield live.url
+
+
+def test_the_page_lets_a_person_pick_a_model_and_shows_what_to_expect_of_each(
+    browser, repository_server
+):
+    context = browser.new_context(
+        viewport={"width": 1100, "height": 900}, base_url=repository_server
+    )
     page = context.new_page()
-
-    def with_metrics(route):
-        body = route.fetch().json()
-        body["preprocess"]["tta"] = "flip"
-        body["metrics"].update(val_accuracy=0.5, val_accuracy_tta=0.75)
-        route.fulfill(json=body)
-
-    page.route("**/v1/model", with_metrics)
     page.goto("/")
-    expect(page.locator("#model-accuracy")).to_have_text(re.compile(r"^75[.,]0\s?%$"))
-    context.close()
+    picker = page.get_by_label("Model", exact=True)
+    expect(picker.locator("option")).to_have_text(["cifar-small", "cifar10"])
 
+    # The bundled model was trained on every image: the page gives its recipe's estimate.
+    picker.select_option("cifar10")
+    expect(page.locator("#model-name")).to_have_text("cifar10")
+    expect(page.locator("#model-accuracy-kind")).to_have_text("Expected accuracy")
+    expect(page.locator("#model-accuracy")).to_have_text(re.compile(r"^90[.,]9\s?%$"))
+    expect(page.locator("#model-accuracy-source")).to_contain_text("mean of 3 training runs")
+    page.locator("#file-input").set_input_files(str(SAMPLES / "cat.jpg"))
+    result = result_for(page, "cat.jpg")
+    expect(result.locator(".state")).to_have_text("Most likely: cat")
+    expect(result.locator(".timing")).to_contain_text("by cifar10, version ")
 
-def test_a_model_trained_on_every_image_says_that_nothing_was_held_out(browser, server):
-    context = browser.new_context(base_url=server)
-    page = context.new_page()
-
-    def without_validation(route):
-        body = route.fetch().json()
-        body["metrics"].update(val_accuracy=None, val_accuracy_tta=None, val_count=0)
-        route.fulfill(json=body)
-
-    page.route("**/v1/model", without_validation)
-    page.goto("/")
-    expect(page.locator("#model-accuracy")).to_have_text("none held out")
+    # The other model: its own held-out validation accuracy, and its answers name it.
+    picker.select_option("cifar-small")
+    expect(page.locator("#model-accuracy-kind")).to_have_text("Validation accuracy")
+    page.locator("#file-input").set_input_files(str(SAMPLES / "dog.jpg"))
+    expect(result_for(page, "dog.jpg").locator(".timing")).to_contain_text("by cifar-small")
+    screenshot(page, "page-model-picker.png")
     context.close()
 
 
@@ -153,7 +163,8 @@ def test_an_uploaded_image_shows_the_apis_label_with_bars_and_time(page, server)
     expect(result.locator(".state")).to_have_text(f"Most likely: {api_label(server, sample)}")
     expect(result.locator(".score")).to_have_count(3)
     expect(result.locator(".score-value").first).to_have_text(re.compile(r"^\d+\.\d%$"))
-    expect(result.locator(".timing")).to_have_text(re.compile(r"^answered in \d+(\.\d)? m?s$"))
+    timing = r"^answered by cifar-small, version [0-9a-f]{12} in \d+(\.\d)? m?s$"
+    expect(result.locator(".timing")).to_have_text(re.compile(timing))
     expect(result.locator(".thumb img")).to_have_attribute("src", re.compile("^blob:"))
 
 
@@ -173,7 +184,7 @@ TEXT_FILE = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"shopping
 
 
 def test_a_text_file_shows_the_servers_refusal_in_words(page):
-    with page.expect_response(lambda r: r.url.endswith("/v1/predict")) as answer:
+    with page.expect_response(lambda r: "/v1/predict" in r.url) as answer:
         page.set_input_files("#file-input", files=[TEXT_FILE])
     assert answer.value.status == 415  # the server decided, not the page
     result = result_for(page, "notes.txt")
@@ -243,7 +254,7 @@ def test_a_page_opened_while_the_model_loads_says_so_then_catches_up(browser, se
             error = {"code": "not_ready", "message": "the model is still loading"}
             return route.fulfill(status=503, json={"error": error})
 
-        page.route("**/v1/model", not_ready_once)
+        page.route("**/v1/models", not_ready_once)
         page.goto("/")
         expect(page.locator("#model-status")).to_have_text(
             "The model is still loading. This page updates when it is ready."
@@ -269,7 +280,7 @@ def test_server_trouble_is_put_in_words(page):
             ),
         ]
     )
-    page.route("**/v1/predict", lambda route: next(answers)(route))
+    page.route("**/v1/predict*", lambda route: next(answers)(route))
     expected = [
         "The model is still loading. Try again in a few seconds.",
         "Cannot reach the server. Check that it is running and that you are online, "

@@ -20,10 +20,12 @@ once and /readyz says 503 until the model is warm.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -189,6 +191,7 @@ def serve(settings: Settings) -> None:
         )
     check_models(settings)
     check_port_free(settings.host, settings.port)
+    limit_malloc_arenas()
     if settings.front == "waitress":
         serve_waitress(settings)
     else:
@@ -255,6 +258,24 @@ def granian_app(settings: Settings, *_target):
     """Run in Granian's worker process: the app, with the model loading behind it."""
     api, _repository = build_app(settings)
     return api.http.server()
+
+
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """At most `arenas` glibc heaps, in this process and the worker it starts (forked or not).
+    Each of the many request threads would otherwise get a heap of its own, and memory freed by
+    an unloaded model stays scattered over them: on the 2-core test machine, serving only the
+    bundled model, the worker's memory after unloading it wandered 0-18 MB above its level
+    before loading it (of 31 MB the load added); with two heaps it came back within 1 MB,
+    cycle after cycle. A MALLOC_ARENA_MAX already set wins."""
+    import ctypes
+
+    value = os.environ.setdefault("MALLOC_ARENA_MAX", str(arenas))
+    with contextlib.suppress(OSError, AttributeError, ValueError):  # not glibc: its own rules
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, int(value))
 
 
 def raise_file_limit() -> int:

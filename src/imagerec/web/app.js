@@ -19,6 +19,8 @@ const queue = [];
 const objectUrls = [];
 let inFlight = 0;
 let pasted = 0;
+let models = []; // GET /v1/models: every served model, newest version of each
+let chosen = null; // the model the next images go to
 
 function formatBytes(size) {
   if (size >= 1e6) return `${(size / 1e6).toFixed(1)} MB`;
@@ -113,10 +115,11 @@ async function recognise({ item, file, name }) {
   const form = new FormData();
   form.append("image", file, name);
   const started = performance.now();
+  const query = chosen ? `?${new URLSearchParams({ model: chosen.name })}` : "";
   let response;
   let body = null;
   try {
-    response = await fetch("/v1/predict", {
+    response = await fetch(`/v1/predict${query}`, {
       method: "POST",
       body: form,
       headers: { Accept: "application/json" },
@@ -130,10 +133,10 @@ async function recognise({ item, file, name }) {
   if (!response.ok || !result) {
     return finish(item, { error: describeError(response.status, body, name, file), elapsed });
   }
-  finish(item, { result, elapsed });
+  finish(item, { result, elapsed, model: body.model });
 }
 
-function finish(item, { result, error, elapsed }) {
+function finish(item, { result, error, elapsed, model }) {
   const state = item.querySelector(".state");
   if (error) {
     item.classList.add("failed");
@@ -163,7 +166,9 @@ function finish(item, { result, error, elapsed }) {
     }
   }
   if (elapsed !== undefined) {
-    item.querySelector(".timing").textContent = `answered in ${formatDuration(elapsed)}`;
+    // Name the model and version that answered: a new version can take over between images.
+    const by = model ? ` by ${model.name}, version ${model.version}` : "";
+    item.querySelector(".timing").textContent = `answered${by} in ${formatDuration(elapsed)}`;
   }
   item.removeAttribute("aria-busy");
 }
@@ -182,7 +187,7 @@ async function loadModel() {
   let response;
   let body = null;
   try {
-    response = await fetch("/v1/model", { headers: { Accept: "application/json" } });
+    response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
     body = await response.json().catch(() => null);
   } catch {
     status.textContent = "Cannot reach the server. This page will try again.";
@@ -194,35 +199,62 @@ async function loadModel() {
     setTimeout(loadModel, MODEL_RETRY_MS);
     return;
   }
-  if (!response.ok || !body) {
-    status.textContent = `The server could not describe its model (HTTP ${response.status}).`;
+  if (!response.ok || !body || !Array.isArray(body.models) || body.models.length === 0) {
+    status.textContent = `The server could not describe its models (HTTP ${response.status}).`;
     return;
   }
-  const labels = body.labels || [];
-  // Show the accuracy of the predictions as served: with flip TTA when the bundle uses it.
-  const metrics = body.metrics || {};
-  const flip = body.preprocess && body.preprocess.tta === "flip";
-  const accuracy =
-    flip && typeof metrics.val_accuracy_tta === "number"
-      ? metrics.val_accuracy_tta
-      : metrics.val_accuracy;
-  $("model-name").textContent = body.name;
-  $("model-version").textContent = body.version;
-  // A final run trains on every image: there is nothing held out to score it on.
-  const heldOut = metrics.val_count === 0 ? "none held out" : "not recorded";
-  $("model-accuracy").textContent = typeof accuracy === "number" ? percent.format(accuracy) : heldOut;
+  models = body.models;
+  const picker = $("model-picker");
+  picker.replaceChildren(
+    ...models.map(({ name }) => {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name;
+      return option;
+    }),
+  );
+  picker.value = body.default || models[0].name;
+  $("model-choice").hidden = models.length < 2;
+  showModel(picker.value);
+}
+
+function describeAccuracy(accuracy) {
+  if (!accuracy) return ["Accuracy", "not recorded", ""];
+  const value = percent.format(accuracy.value);
+  if (accuracy.kind === "estimate") {
+    // Trained on every image: the figure is that of its recipe, measured with images held out.
+    const spread = typeof accuracy.std === "number" ? ` ± ${percent.format(accuracy.std)}` : "";
+    const runs = accuracy.runs ? `mean of ${accuracy.runs} training runs` : "its recipe";
+    return ["Expected accuracy", value, `(estimate${spread}: ${runs} with images held out)`];
+  }
+  return ["Validation accuracy", value, "(on held-out images)"];
+}
+
+function showModel(name) {
+  chosen = models.find((model) => model.name === name) || models[0];
+  const labels = chosen.labels || [];
+  const [kind, value, source] = describeAccuracy(chosen.accuracy);
+  $("model-name").textContent = chosen.name;
+  $("model-version").textContent = chosen.version;
+  $("model-accuracy-kind").textContent = kind;
+  $("model-accuracy").textContent = value;
+  $("model-accuracy-source").textContent = source;
   const shown = labels.slice(0, 40).join(", ");
   $("model-labels").textContent =
     labels.length > 40 ? `${shown} and ${labels.length - 40} more` : shown;
   $("model-facts").hidden = false;
-  status.textContent = `Ready: ${labels.length} kinds of things.`;
-  loadCard();
+  $("model-status").textContent = `Ready: ${labels.length} kinds of things.`;
+  loadCard(chosen);
 }
 
-async function loadCard() {
+async function loadCard(model) {
+  $("model-card").hidden = true;
   try {
-    const response = await fetch("/v1/model/card", { headers: { Accept: "application/json" } });
-    if (!response.ok) return;
+    const query = new URLSearchParams({ model: model.name, version: model.version });
+    const response = await fetch(`/v1/model/card?${query}`, {
+      headers: { Accept: "application/json" },
+    });
+    if (!response.ok || chosen !== model) return;
     // People want the pictures and the metrics; labels and preprocessing are in the header.
     const files = (await response.json()).files.filter(
       (file) => file.content_type.startsWith("image/") || file.name === "metrics.json",
@@ -244,6 +276,7 @@ async function loadCard() {
   }
 }
 
+$("model-picker").addEventListener("change", (event) => showModel(event.target.value));
 $("drop").addEventListener("click", () => fileInput.click());
 $("camera-button").addEventListener("click", () => cameraInput.click());
 $("clear").addEventListener("click", clearResults);
