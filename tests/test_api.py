@@ -6,6 +6,7 @@ import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +240,31 @@ def test_a_body_without_length_is_counted_while_read():
     with pytest.raises(PayloadTooLarge):
         reader.read()
     assert LimitedReader(io.BytesIO(b"x" * 100), limit=100).read() == b"x" * 100
+
+
+def test_the_accuracy_to_expect_is_that_of_the_answers_as_served():
+    from imagerec.api import expected_accuracy
+    from imagerec.bundle import Preprocess
+
+    class Bundle:
+        def __init__(self, tta, metrics):
+            self.preprocess = Preprocess(input_size=(32, 32), tta=tta)
+            self.metrics = metrics
+
+    scores = {"val_accuracy": 0.5, "val_accuracy_tta": 0.75}
+    assert expected_accuracy(Bundle("flip", scores))["value"] == 0.75  # with TTA, as served
+    assert expected_accuracy(Bundle("none", scores))["value"] == 0.5
+    estimate = {"value": 0.9, "std": 0.01, "runs": 3, "source": "three seeds"}
+    trained_on_all = {"val_accuracy": None, "val_accuracy_tta": None, "accuracy_estimate": estimate}
+    assert expected_accuracy(Bundle("flip", trained_on_all)) == {**estimate, "kind": "estimate"}
+    assert expected_accuracy(Bundle("flip", {"val_accuracy": None})) is None
+
+
+def test_the_bundled_model_shows_its_recipes_estimate():
+    from imagerec.predictor import Predictor
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "cifar10"
+    api = create_app(Predictor.from_path(bundled, engine="auto"), SETTINGS)
+    accuracy = hug.test.get(api, "/v1/model").data["accuracy"]
+    assert accuracy["kind"] == "estimate" and accuracy["runs"] == 3
+    assert 0.85 < accuracy["value"] < 0.95 and "train_cifar10.md" in accuracy["source"]

@@ -131,6 +131,31 @@ def test_a_version_that_fails_leaves_the_one_before_serving_and_is_not_retried(t
     assert [v.version for v in repository.versions("m")] == ["2"] and loaded[0].closed
 
 
+def test_removing_the_newest_version_rolls_back_to_the_one_before(tmp_path):
+    version(tmp_path / "m" / "1")
+    version(tmp_path / "m" / "2")
+    load, loaded = loader_of()
+    repository = ModelRepository(tmp_path, loader=load)
+    repository.sync()
+    assert [v.version for v in repository.versions("m")] == ["2"]
+    shutil.rmtree(tmp_path / "m" / "2")
+    repository.sync()
+    assert [v.version for v in repository.versions("m")] == ["1"]
+    assert [e.path.name for e in loaded if not e.closed] == ["1"]
+
+
+def test_latest_n_keeps_the_n_newest_as_new_ones_arrive(tmp_path):
+    for number in (1, 2):
+        version(tmp_path / "m" / str(number))
+    load, _ = loader_of()
+    repository = ModelRepository(tmp_path, loader=load, policy=VersionPolicy.parse("latest:2"))
+    repository.sync()
+    version(tmp_path / "m" / "3")
+    repository.sync()
+    assert [v.version for v in repository.versions("m")] == ["2", "3"]
+    assert repository.acquire("m").version == "3"
+
+
 def test_a_removed_model_stops_being_served(tmp_path):
     version(tmp_path / "a" / "1")
     version(tmp_path / "b" / "1")
@@ -263,6 +288,12 @@ def test_tritonclient_manages_two_models_and_two_versions(protocol_bundle, tmp_p
                 assert answer.get_response()["model_version"] == version == http["model"]["version"]
             best = float(answer.as_numpy("probabilities")[0].max())
             assert best == pytest.approx(http["results"][0]["score"], abs=1e-6)
+
+        metrics = requests.get(server.url + "/metrics", timeout=30).text
+        for version in ("1", "2"):
+            assert f'model="tiny",status="200",version="{version}"}} 2.0' in metrics
+        assert 'imagerec_model_request_duration_seconds_count{model="tiny"} 4.0' in metrics
+        assert 'imagerec_model_versions_loaded{model="tiny"} 2.0' in metrics
 
         # Unload one model, then load it back, through the API; memory is handed back.
         client.unload_model("cifar10")

@@ -469,7 +469,7 @@ class ModelRepository:
             on_closed=self._closed,
         )
         self._failures.pop(key, None)
-        self._install(served)
+        self._install(served, {c.version for c in wanted})
         if self.metrics is not None:
             self.metrics.model_load_seconds.labels(candidate.name).observe(
                 time.perf_counter() - started
@@ -490,21 +490,13 @@ class ModelRepository:
             self.metrics.model_load_failures.labels(candidate.name).inc()
         return message
 
-    def _install(self, served: ServedVersion) -> None:
-        """Serve `served`; under a policy of latest N, drop the versions it pushes out in the
-        same step, so lookups switch from the old to the new version at one instant."""
-        superseded = []
+    def _install(self, served: ServedVersion, wanted: set[str]) -> None:
+        """Serve `served`, and drop the served versions the policy no longer wants in the same
+        step, so lookups switch from the old to the new version at one instant."""
         with self._lock:
             versions = self._served.setdefault(served.name, {})
             versions[served.version] = served
-            if served.number is None:  # a plain bundle replaced in place: one version only
-                superseded = [v for k, v in versions.items() if k != served.version]
-            elif self.policy.kind == "latest":
-                numbered = sorted(
-                    (v for v in versions.values() if v.number is not None),
-                    key=lambda v: v.number,
-                )
-                superseded = numbered[: -self.policy.count]
+            superseded = [v for k, v in versions.items() if k not in wanted]
             for old in superseded:
                 del versions[old.version]
         for old in superseded:
