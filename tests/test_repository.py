@@ -10,12 +10,13 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import requests
 
-from imagerec.bundle import MANIFEST
+from imagerec.bundle import MANIFEST, Preprocess
 from imagerec.errors import ImagerecError, InvalidInput, NotFound, NotReady
 from imagerec.repository import ModelControlError, ModelRepository, VersionPolicy
 from live_server import running_server, wait_for
@@ -30,11 +31,14 @@ class StandIn:
 
     labels = ["a", "b"]
     input_size = (2, 2)
-    bundle = None
 
     def __init__(self, path: Path):
         self.path = path
         self.closed = False
+        preprocess = Preprocess(input_size=self.input_size)
+        self.bundle = SimpleNamespace(
+            preprocess=preprocess, metrics={}, version="0" * 12, path=path
+        )
 
     def predict_arrays(self, images):
         return np.tile([0.25, 0.75], (len(images), 1))
@@ -290,9 +294,10 @@ def test_tritonclient_manages_two_models_and_two_versions(protocol_bundle, tmp_p
             assert best == pytest.approx(http["results"][0]["score"], abs=1e-6)
 
         metrics = requests.get(server.url + "/metrics", timeout=30).text
-        for version in ("1", "2"):
-            assert f'model="tiny",status="200",version="{version}"}} 2.0' in metrics
-        assert 'imagerec_model_request_duration_seconds_count{model="tiny"} 4.0' in metrics
+        # Version 1: an infer from each client; version 2, the newest, also the metadata call.
+        for version, count in (("1", 2), ("2", 3)):
+            assert f'model="tiny",status="200",version="{version}"}} {count}.0' in metrics
+        assert 'imagerec_model_request_duration_seconds_count{model="tiny"} 5.0' in metrics
         assert 'imagerec_model_versions_loaded{model="tiny"} 2.0' in metrics
 
         # Unload one model, then load it back, through the API; memory is handed back.
@@ -392,3 +397,39 @@ def test_a_version_added_under_load_takes_over_without_a_failed_request(protocol
         wait_for(server.url + "/readyz", 200)
         log = server.log_path.read_text()
         assert "model tiny version 1 unloaded" in log
+
+
+def test_every_protocol_reaches_models_by_name_and_version_in_process(tmp_path):
+    from imagerec.api import create_app
+    from imagerec.config import Settings
+    from imagerec.hugcompat import hug
+
+    version(tmp_path / "a" / "1")
+    version(tmp_path / "b" / "1")
+    version(tmp_path / "b" / "2")
+    load, _ = loader_of()
+    repository = ModelRepository(
+        tmp_path, loader=load, policy=VersionPolicy.parse("all"), default_model="b"
+    )
+    repository.sync()
+    api = create_app(repository, Settings())
+    listed = hug.test.get(api, "/v1/models").data
+    assert listed["default"] == "b"
+    assert [(m["name"], m["version"], m["versions"]) for m in listed["models"]] == [
+        ("a", "1", ["1"]),
+        ("b", "2", ["1", "2"]),
+    ]
+    assert hug.test.get(api, "/readyz").data["model"] == {"name": "b", "version": "2"}
+    status = hug.test.get(api, "/v1/models/b").data["model_version_status"]
+    assert [s["version"] for s in status] == ["1", "2"]
+    assert (
+        hug.test.get(api, "/v1/models/b/versions/1").data["model_version_status"][0]["version"]
+        == "1"
+    )
+    assert hug.test.get(api, "/v2/models/b").data["versions"] == ["1", "2"]
+    assert hug.test.get(api, "/v2/models/a/versions/1/ready").data == {"name": "a", "ready": True}
+    missing = hug.test.get(api, "/v2/models/a/versions/9")
+    assert missing.status.startswith("404") and "no version '9'" in missing.data["error"]
+    unknown = hug.test.get(api, "/v1/model", model="c")
+    assert unknown.status.startswith("404") and unknown.data["error"]["code"] == "not_found"
+    assert hug.test.get(api, "/v1/model", model="b", version="1").data["version"] == "1"
