@@ -52,6 +52,9 @@ RAW_IMAGE_TYPES = (*MEDIA_TYPES.values(), "image/jpg", "application/octet-stream
 BODY_TYPES = ("multipart/form-data", "application/json", *RAW_IMAGE_TYPES)
 
 
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)  # seconds
+
+
 class ServingMetrics:
     """Prometheus metrics of one API, in its own registry (no process-wide state)."""
 
@@ -67,7 +70,7 @@ class ServingMetrics:
             "imagerec_http_request_duration_seconds",
             "Time from the request reaching the app to the answer, by route",
             ["route"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
@@ -110,7 +113,7 @@ class ServingMetrics:
             "imagerec_model_request_duration_seconds",
             "Time from the request reaching the app to the answer, by model",
             ["model"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self._loaded_names: set[str] = set()

@@ -157,6 +157,11 @@ def verify_bundle(path: str | os.PathLike) -> str:
                 f"{path}/{name} does not match {MANIFEST}: the bundle was modified or "
                 "truncated after it was written; retrain or restore it"
             )
+    return manifest_version(text)
+
+
+def manifest_version(text: str) -> str:
+    """The bundle version: 12 hex digits of the manifest's sha256."""
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     serve = commands.add_parser("serve", help="serve a bundle, or a repository of them, over HTTP")
-    serve.add_argument("--model", type=Path, default=None, help="one bundle folder")
-    serve.add_argument(
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None, help="one bundle folder")
+    source.add_argument(
         "--models",
         type=Path,
         default=None,
@@ -360,10 +361,6 @@ def cmd_serve(args) -> int:
         engine=args.engine,
         front=args.front,
     )
-    if args.model is not None and args.models is not None:
-        raise ImagerecError(
-            "give --model (one bundle) or --models (a repository), not both", code="usage"
-        )
     serve(settings)
     return 0
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagerec.bundle import MANIFEST
+from imagerec.bundle import MANIFEST, manifest_version
 from imagerec.errors import ImagerecError, InvalidInput, NotFound, NotReady
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,6 @@ class ServedVersion:
         engine: Any,
         path: Path | None = None,
         number: int | None = None,
-        signature: str = "",
         on_closed: Callable[[ServedVersion], None] | None = None,
     ):
         self.name = name
@@ -129,7 +128,6 @@ class ServedVersion:
         self.bundle = getattr(engine, "bundle", None)
         bundle_path = getattr(self.bundle, "path", None)
         self.path = Path(path) if path is not None else bundle_path
-        self.signature = signature
         self.labels = list(engine.labels)
         self.input_size = tuple(getattr(engine, "input_size", None) or ())
         self.reports_batches = getattr(engine, "reports_batches", False)
@@ -186,10 +184,6 @@ class ServedVersion:
         if close:
             self._close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def _close(self) -> None:
         try:
             if hasattr(self.engine, "close"):
@@ -202,12 +196,11 @@ class ServedVersion:
 
 
 def manifest_digest(path: Path) -> str | None:
-    """The bundle version its manifest promises (as verify_bundle computes it), or None."""
+    """The bundle version its manifest promises (verify_bundle checks it holds), or None."""
     try:
-        text = (path / MANIFEST).read_text()
+        return manifest_version((path / MANIFEST).read_text())
     except (OSError, UnicodeDecodeError):
         return None
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def scan_model(name: str, folder: Path) -> dict[str, Candidate]:
@@ -300,12 +293,6 @@ class ModelRepository:
         """Record why the models could not be loaded; readiness and lookups report it (503)."""
         with self._lock:
             self._failure = message
-
-    @property
-    def ready(self) -> bool:
-        """Loaded at start, with at least one model served and no start-up failure."""
-        with self._lock:
-            return self._started and bool(self._served) and self._failure is None
 
     def readiness(self) -> None:
         """Raise NotReady (503) with the reason unless ready."""
@@ -465,7 +452,6 @@ class ModelRepository:
             engine,
             candidate.path,
             candidate.number,
-            candidate.signature,
             on_closed=self._closed,
         )
         self._failures.pop(key, None)
@@ -602,13 +588,10 @@ class ModelRepository:
             try:
                 self.sync()
                 if self.names():
-                    self.fail_clear()
+                    with self._lock:
+                        self._failure = None  # a model arrived after a failed start
             except Exception:  # the poller must outlive any one bad scan
                 log.exception("the repository scan failed")
-
-    def fail_clear(self) -> None:
-        with self._lock:
-            self._failure = None
 
     def close(self) -> None:
         """Stop polling and close every served version (after its requests finish)."""
