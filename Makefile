@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 		"$(PYVER)" ] || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	@# The tests' TF Serving gRPC client. It names the `tensorflow` distribution, which would add a
+	@# second copy of the TensorFlow that `tensorflow-cpu` already installed: hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps 'tensorflow-serving-api>=2.21,<2.22'
 	touch $@
 
 run: $(STAMP)

@@ -116,6 +116,24 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.grpc_requests = Counter(
+            "imagerec_grpc_requests",
+            "gRPC calls answered, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.grpc_latency = Histogram(
+            "imagerec_grpc_request_duration_seconds",
+            "Time from a gRPC call reaching its handler to the answer, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.grpc_in_flight = Gauge(
+            "imagerec_grpc_requests_in_flight",
+            "gRPC calls being handled now",
+            registry=self.registry,
+        )
         self._loaded_names: set[str] = set()
 
     def set_loaded(self, counts: dict[str, int]) -> None:
@@ -200,6 +218,11 @@ _SERVING = "imagerec.serving"
 def serving(default=None, api=None, request=None, **kwargs) -> RequestServing:
     """hug directive: this API's injected parts, for this request."""
     return RequestServing(api.context[_SERVING], request)
+
+
+def serving_parts(api: hug.API) -> Serving:
+    """The repository, settings and metrics an app was built over (for the gRPC port)."""
+    return api.context[_SERVING]
 
 
 def http_error(exception: BaseException) -> ImagerecError:

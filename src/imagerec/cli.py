@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--threads", type=int, default=None)
     serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve gRPC (Open Inference Protocol v2 and TF Serving's PredictionService) "
+        "on this port, e.g. 8001; 0 (the default) leaves it off",
+    )
+    serve.add_argument(
         "--front",
         choices=["granian", "waitress"],
         default=None,
@@ -357,6 +365,7 @@ def cmd_serve(args) -> int:
         max_versions=args.max_versions,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         threads=args.threads,
         engine=args.engine,
         front=args.front,

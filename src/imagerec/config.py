@@ -31,6 +31,8 @@ class Settings:
     max_versions: int = 16  # versions loaded at once, all models together
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0  # gRPC beside HTTP (Triton's default is 8001); 0: no gRPC port
+    grpc_grace_s: float = 10.0  # on SIGTERM, how long gRPC calls in flight may take to finish
     front: str = "granian"  # the HTTP server: granian (compiled) or waitress (pure Python)
     threads: int = 32  # Python threads for requests: in flight at once, so the micro-batch limit
     header_timeout_s: int = 30  # granian: a connection must send its headers within this

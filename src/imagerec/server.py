@@ -25,6 +25,7 @@ import functools
 import gc
 import json
 import logging
+import multiprocessing.util
 import os
 import signal
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 
-from imagerec.api import ServingMetrics, create_app
+from imagerec.api import ServingMetrics, create_app, serving_parts
 from imagerec.bundle import Bundle
 from imagerec.config import Settings
 from imagerec.engines import choose_engine
@@ -159,6 +160,20 @@ def build_app(settings: Settings):
     return api, repository
 
 
+def start_grpc(api, settings: Settings):
+    """The gRPC port over the app's models, started, or None when `grpc_port` is 0."""
+    if not settings.grpc_port:
+        return None
+    from imagerec.grpc_server import GrpcServer
+
+    server = GrpcServer(
+        serving_parts(api), settings.host, settings.grpc_port, settings.grpc_grace_s
+    ).start()
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("serving gRPC on %s:%s (Open Inference Protocol v2, TF Serving)", shown, server.port)
+    return server
+
+
 def check_models(settings: Settings) -> None:
     """Before the port opens: a missing or tampered bundle, an engine it lacks, a repository
     folder that is not there, or a bad policy fails at once."""
@@ -191,6 +206,10 @@ def serve(settings: Settings) -> None:
         )
     check_models(settings)
     check_port_free(settings.host, settings.port)
+    if settings.grpc_port:
+        if settings.grpc_port == settings.port:
+            raise ImagerecError("--grpc-port must differ from --port", code="usage")
+        check_port_free(settings.host, settings.grpc_port)
     limit_malloc_arenas()
     if settings.front == "waitress":
         serve_waitress(settings)
@@ -257,6 +276,11 @@ def check_port_free(host: str, port: int) -> None:
 def granian_app(settings: Settings, *_target):
     """Run in Granian's worker process: the app, with the model loading behind it."""
     api, _repository = build_app(settings)
+    grpc_server = start_grpc(api, settings)
+    if grpc_server is not None:
+        # Granian's worker returns once HTTP has drained on SIGTERM; the process's exit
+        # finalizers then let the gRPC calls in flight finish too.
+        multiprocessing.util.Finalize(None, grpc_server.stop, exitpriority=10)
     return api.http.server()
 
 
@@ -298,6 +322,7 @@ def serve_waitress(settings: Settings) -> None:
     """waitress, in this process."""
     api, repository = build_app(settings)
     server = make_server(api.http.server(), settings, protocol_error_prefixes(api))
+    grpc_server = start_grpc(api, settings)
 
     def stop(signum, _frame):
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -319,5 +344,7 @@ def serve_waitress(settings: Settings) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if grpc_server is not None:
+            grpc_server.stop()
         repository.close()  # finish the batches in flight
         log.info("stopped")
