@@ -1,13 +1,18 @@
 """Serving benchmark, in one run: the in-process limit of every engine, then HTTP throughput
 and latency of `imagerec serve` for each front and engine at 1, 16 and 64 clients, with the
 earlier configuration (waitress + TensorFlow) as the baseline row, server start-up time and
-memory, and a slow-client row per front (2,000 trickling connections open).
+memory, and a slow-client row per front (2,000 trickling connections open). The servers named
+by --grpc-servers also open their gRPC port, and are measured at each level once more over
+HTTP/1.1 and over gRPC (Open Inference Protocol v2 ModelInfer), with the same client program and
+the same image, so the two protocols compare like for like.
 
     python benchmarks/serve.py [--model models/cifar10] [--load-seconds 10]
 
 Writes benchmarks/results/serve.md with the command line, the machine and library versions.
 The load generator is wrk (C, one epoll thread) when it is installed, else a separate Python
-process (`--client`) with one thread and keep-alive connection per client.
+process (`--client`) with one thread and keep-alive connection per client. The protocol rows
+use h2load (nghttp2's C load generator: HTTP/1.1 with --h1, gRPC as HTTP/2 POSTs of a framed
+message) when it is installed, else a Python process (`--grpc-client`, grpc.aio).
 """
 
 from __future__ import annotations
@@ -40,10 +45,10 @@ def percentile_ms(latencies: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(latencies) * 1000.0, q)) if latencies else float("nan")
 
 
-def run_client(url: str, concurrency: int, requests_total: int) -> dict:
+def run_client(url: str, concurrency: int, requests_total: int, one_image: bool = False) -> dict:
     """Send `requests_total` raw-JPEG POSTs over `concurrency` keep-alive connections."""
     host, port = url.removeprefix("http://").rstrip("/").split(":")
-    bodies = [p.read_bytes() for p in SAMPLES]
+    bodies = [p.read_bytes() for p in (SAMPLES[:1] if one_image else SAMPLES)]
     counter = iter(range(requests_total))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -132,6 +137,152 @@ def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
     }
 
 
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def infer_request_bytes(model: str, image: bytes) -> bytes:
+    """A serialized ModelInferRequest for one encoded image, as tritonclient sends it."""
+    import struct
+
+    from imagerec.protocols.grpc_messages import messages
+
+    request = messages("inference").ModelInferRequest(model_name=model)
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+    return request.SerializeToString()
+
+
+def run_h2load(
+    url: str, concurrency: int, seconds: float, body: Path, headers: list[str], h1: bool = False
+) -> dict:
+    """h2load as the load generator: HTTP/1.1 with `h1`, else HTTP/2 without TLS (as gRPC)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "requests.tsv"
+        command = ["h2load", *(["--h1"] if h1 else []), "-c", str(concurrency), "-m", "1"]
+        command += ["-t", "1"]
+        command += ["-D", f"{seconds:.0f}", "-d", str(body), f"--log-file={log}"]
+        for header in headers:
+            command += ["-H", header]
+        output = subprocess.run([*command, url], capture_output=True, text=True, check=True)
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    finished = next(x for x in output.stdout.splitlines() if x.startswith("finished in"))
+    elapsed = float(finished.split()[2].rstrip("s,"))
+    durations = [int(r[2]) / 1e6 for r in rows]
+    return {
+        "concurrency": concurrency,
+        "requests": len(rows),
+        "errors": sum(1 for r in rows if r[1] != "200"),
+        "throughput": len(rows) / elapsed,
+        "p50_ms": percentile_ms(durations, 50),
+        "p99_ms": percentile_ms(durations, 99),
+    }
+
+
+def run_grpc_client(address: str, concurrency: int, requests_total: int, body: bytes) -> dict:
+    """`requests_total` ModelInfer calls from `concurrency` grpc.aio tasks on one channel."""
+    import asyncio
+
+    import grpc
+
+    async def main() -> dict:
+        latencies: list[float] = []
+        errors = 0
+        remaining = iter(range(requests_total))
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary(GRPC_METHOD)
+
+            async def worker():
+                nonlocal errors
+                while next(remaining, None) is not None:
+                    started = time.perf_counter()
+                    try:
+                        await call(body)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+        return {
+            "concurrency": concurrency,
+            "requests": len(latencies),
+            "errors": errors,
+            "throughput": len(latencies) / elapsed,
+            "p50_ms": percentile_ms(latencies, 50),
+            "p99_ms": percentile_ms(latencies, 99),
+        }
+
+    return asyncio.run(main())
+
+
+def grpc_failures(url: str) -> float:
+    """ModelInfer calls the server answered with an error so far (its /metrics): h2load sees
+    gRPC's status only in trailers, so errors are counted on the server's side."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("imagerec_grpc_requests_total{")
+        and f'method="{GRPC_METHOD}"' in line
+        and 'code="OK"' not in line
+    )
+
+
+def protocol_rows(url: str, grpc_port: int, levels: list[int], args, model_name: str) -> list:
+    """HTTP/1.1 /v1/predict and gRPC ModelInfer at each level, one image, one client program."""
+    image = SAMPLES[0].read_bytes()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        message = infer_request_bytes(model_name, image)
+        framed = Path(scratch) / "infer.grpc"  # gRPC's framing: flag byte, 4-byte length
+        framed.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+        jpeg = Path(scratch) / "image.jpg"
+        jpeg.write_bytes(image)
+        for level in levels:
+            if CLIENT["protocols"] == "h2load":
+                http_row = run_h2load(
+                    url + "/v1/predict",
+                    level,
+                    CLIENT["seconds"],
+                    jpeg,
+                    ["content-type: image/jpeg"],
+                    h1=True,
+                )
+                before = grpc_failures(url)
+                grpc_row = run_h2load(
+                    f"http://127.0.0.1:{grpc_port}{GRPC_METHOD}",
+                    level,
+                    CLIENT["seconds"],
+                    framed,
+                    ["content-type: application/grpc", "te: trailers"],
+                )
+                grpc_row["errors"] += int(grpc_failures(url) - before)
+            else:
+                http_row = json.loads(
+                    subprocess.run(
+                        [sys.executable, __file__, "--client", url, "--concurrency", str(level)]
+                        + ["--requests", str(args.requests), "--one-image"],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                )
+                command = [sys.executable, __file__, "--grpc-client", f"127.0.0.1:{grpc_port}"]
+                command += ["--concurrency", str(level), "--requests", str(args.requests)]
+                command += ["--grpc-body", str(framed.with_suffix(".pb"))]
+                framed.with_suffix(".pb").write_bytes(message)
+                grpc_row = json.loads(
+                    subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                )
+            rows.append({"protocol": "HTTP/1.1 /v1/predict", **http_row})
+            rows.append({"protocol": "gRPC ModelInfer", **grpc_row})
+    return rows
+
+
 def load(url: str, concurrency: int, requests_total: int) -> dict:
     """Run the client in its own process so it does not share the GIL with anything measured."""
     if CLIENT["kind"] == "wrk":
@@ -143,7 +294,7 @@ def load(url: str, concurrency: int, requests_total: int) -> dict:
     return json.loads(output.stdout)
 
 
-CLIENT = {"kind": "python", "seconds": 10.0, "wrk_threads": 1}
+CLIENT = {"kind": "python", "seconds": 10.0, "wrk_threads": 1, "protocols": "python"}
 
 
 def free_port() -> int:
@@ -208,12 +359,16 @@ def measure_server(config: dict, args, levels: list[int]) -> dict:
     command = [sys.executable, "-m", "imagerec.cli", "serve", "--model", str(config["model"])]
     command += ["--port", str(port), "--threads", str(args.threads)]
     command += ["--front", config["front"], "--engine", config["engine"]]
+    grpc_port = free_port() if config.get("grpc") else 0
+    command += ["--grpc-port", str(grpc_port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         startup = wait_ready(url, process)
         idle_mb, _ = memory_mb(process.pid)
         load(url, 4, 100)  # warm-up: connections, first-call paths
         rows = [load(url, level, args.requests) for level in levels]
+        name = Path(config["model"]).name
+        protocols = protocol_rows(url, grpc_port, levels, args, name) if grpc_port else []
         rss, peak = memory_mb(process.pid)
         tensorflow = loads_tensorflow(process.pid)
         slow = (
@@ -232,6 +387,7 @@ def measure_server(config: dict, args, levels: list[int]) -> dict:
     return {
         **config,
         "rows": rows,
+        "protocols": protocols,
         "startup_s": startup,
         "idle_mb": idle_mb,
         "rss_mb": rss,
@@ -343,6 +499,12 @@ CLIENT_TEXT = {
     "python": "a separate Python process, one thread and one keep-alive http.client connection "
     "per concurrent client",
 }
+PROTOCOL_TEXT = {
+    "h2load": "h2load (nghttp2's C load generator, one thread, one connection per client, one "
+    "call in flight on each, for --load-seconds per level)",
+    "python": "a separate Python process (HTTP: one thread and http.client connection per "
+    "client; gRPC: one grpc.aio task per client on one channel)",
+}
 BASELINE = ("waitress", "tensorflow")
 SLOW_CLIENT_ROWS = (BASELINE, ("granian", "onnx-int8"))  # the earlier server and the new one
 
@@ -365,7 +527,23 @@ def median_rows(rounds: list[list[dict]]) -> list[dict]:
             for key in ("startup_s", "idle_mb", "rss_mb", "peak_mb")
         }
         tensorflow = any(run["tensorflow_loaded"] for run in runs)
-        merged.append({**first, **numbers, "rows": rows, "tensorflow_loaded": tensorflow})
+        protocols = []
+        for level_rows in zip(*(run["protocols"] for run in runs), strict=True):
+            row = {k: level_rows[0][k] for k in ("protocol", "concurrency")}
+            row["requests"] = sum(r["requests"] for r in level_rows)
+            row["errors"] = sum(r["errors"] for r in level_rows)
+            for key in ("throughput", "p50_ms", "p99_ms"):
+                row[key] = float(np.median([r[key] for r in level_rows]))
+            protocols.append(row)
+        merged.append(
+            {
+                **first,
+                **numbers,
+                "rows": rows,
+                "protocols": protocols,
+                "tensorflow_loaded": tensorflow,
+            }
+        )
     return merged
 
 
@@ -437,6 +615,35 @@ def report(args, limits: dict[str, dict], served: list[dict], rounds: list[list[
                 f"| {r['errors']} | {r['throughput']:.0f} | {r['throughput'] / base:.2f} "
                 f"| {r['throughput'] / limit:.0%} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
             )
+    with_grpc = [s for s in served if s["protocols"]]
+    if with_grpc:
+        lines += [
+            "",
+            "## gRPC beside HTTP",
+            "",
+            "The same server, after its rows above, with its gRPC port open: "
+            f"{PROTOCOL_TEXT[args.protocol_load]}, "
+            "for HTTP/1.1 (a raw image/jpeg POST to /v1/predict) and for gRPC (an Open "
+            "Inference Protocol v2 ModelInfer call carrying the image as BYTES in "
+            "raw_input_contents), one image per call, the same JPEG every time "
+            f"({SAMPLES[0].relative_to(ROOT)}). x HTTP: gRPC's images/s over HTTP/1.1's at the "
+            "same level, within each round, median. gRPC errors: calls the server answered with "
+            "an error status (its imagerec_grpc_requests_total), besides any h2load saw.",
+            "",
+            "| front | engine | protocol | clients | requests | errors | images/s | x HTTP "
+            "| p50 ms | p99 ms |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        ratios = grpc_ratios(rounds)
+        for server in with_grpc:
+            for r in server["protocols"]:
+                key = (server["front"], server["engine"], r["concurrency"])
+                shown = f"{ratios[key]:.2f}" if r["protocol"].startswith("gRPC") else "1.00"
+                lines.append(
+                    f"| {server['front']} | {server['engine']} | {r['protocol']} "
+                    f"| {r['concurrency']} | {r['requests']} | {r['errors']} "
+                    f"| {r['throughput']:.0f} | {shown} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+                )
     lines += [
         "",
         "## Start-up and memory",
@@ -485,6 +692,21 @@ def report(args, limits: dict[str, dict], served: list[dict], rounds: list[list[
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def grpc_ratios(rounds: list[list[dict]]) -> dict[tuple[str, str, int], float]:
+    """gRPC's throughput over HTTP/1.1's, per server and level: the median of each round's."""
+    found: dict[tuple[str, str, int], list[float]] = {}
+    for served in rounds:
+        for server in served:
+            by_level: dict[int, dict[str, float]] = {}
+            for r in server["protocols"]:
+                kind = "grpc" if r["protocol"].startswith("gRPC") else "http"
+                by_level.setdefault(r["concurrency"], {})[kind] = r["throughput"]
+            for level, pair in by_level.items():
+                key = (server["front"], server["engine"], level)
+                found.setdefault(key, []).append(pair["grpc"] / pair["http"])
+    return {key: float(np.median(values)) for key, values in found.items()}
 
 
 def checks(limits: dict[str, dict], served: list[dict]) -> list[str]:
@@ -557,13 +779,35 @@ def main() -> int:
     parser.add_argument(
         "--wrk-threads", type=int, default=1, help="one epoll thread drives 64 connections"
     )
+    parser.add_argument(
+        "--grpc-servers",
+        default="granian:onnx-int8",
+        help="front:engine pairs (among --servers) that also open their gRPC port and are "
+        "measured over HTTP/1.1 and gRPC with one client program; '' for none",
+    )
+    parser.add_argument(
+        "--protocol-load",
+        choices=["h2load", "python"],
+        default="h2load" if shutil.which("h2load") else "python",
+        help="the client of the gRPC-beside-HTTP rows: h2load (apt-get install nghttp2-client; "
+        "the default when present) or python",
+    )
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--one-image", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-body", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--in-process", metavar="ENGINE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     if args.client:
-        print(json.dumps(run_client(args.client, int(args.concurrency), args.requests)))
+        figures = run_client(args.client, int(args.concurrency), args.requests, args.one_image)
+        print(json.dumps(figures))
+        return 0
+    if args.grpc_client:
+        body = args.grpc_body.read_bytes()
+        figures = run_grpc_client(args.grpc_client, int(args.concurrency), args.requests, body)
+        print(json.dumps(figures))
         return 0
     if args.in_process:
         figures = in_process_figures(
@@ -573,6 +817,8 @@ def main() -> int:
         return 0
 
     CLIENT.update(kind=args.load, seconds=args.load_seconds, wrk_threads=args.wrk_threads)
+    CLIENT.update(protocols=args.protocol_load)
+    grpc_pairs = {tuple(p.split(":")) for p in args.grpc_servers.split(",") if p}
     levels = [int(c) for c in args.concurrency.split(",")]
     pairs = [tuple(p.split(":")) for p in args.servers.split(",")]
     if BASELINE not in pairs:
@@ -598,6 +844,7 @@ def main() -> int:
                     file=sys.stderr,
                 )
                 config = {"front": front, "engine": engine, "model": model, "slow": slow}
+                config["grpc"] = (front, engine) in grpc_pairs
                 served.append(measure_server(config, args, levels))
             rounds.append(served)
 
