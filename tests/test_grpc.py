@@ -440,3 +440,45 @@ class socket_held:
 
     def __exit__(self, *_exc) -> None:
         self.sock.close()
+
+
+def test_grpcurl_through_server_reflection(server):
+    """grpcurl (a Go client) knows nothing of the protocols but what reflection tells it."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "grpcurl"
+    )
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (the test extra installs it on x86-64)")
+    address = server[1]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [grpcurl, "-plaintext", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    listed = run(address, "list").stdout.split()
+    assert "inference.GRPCInferenceService" in listed
+    assert "tensorflow.serving.PredictionService" in listed
+    image = base64.b64encode(JPEGS[0]).decode()
+    body = {
+        "model_spec": {"name": "tiny"},
+        "input": {
+            "example_list": {
+                "examples": [
+                    {"features": {"feature": {"image": {"bytes_list": {"value": [image]}}}}}
+                ]
+            }
+        },
+    }
+    done = run("-d", json.dumps(body), address, "tensorflow.serving.PredictionService/Classify")
+    assert done.returncode == 0, done.stderr
+    classes = json.loads(done.stdout)["result"]["classifications"][0]["classes"]
+    assert sorted(c["label"] for c in classes) == sorted(LABELS)
+    missing = run(
+        "-d", '{"model_name": "nope"}', address, "inference.GRPCInferenceService/ModelInfer"
+    )
+    assert missing.returncode != 0
+    assert "NotFound" in missing.stderr and "unknown model 'nope'" in missing.stderr
