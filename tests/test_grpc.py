@@ -482,3 +482,50 @@ def test_grpcurl_through_server_reflection(server):
     )
     assert missing.returncode != 0
     assert "NotFound" in missing.stderr and "unknown model 'nope'" in missing.stderr
+
+
+def test_every_model_and_version_of_a_repository(protocol_bundle, tmp_path):
+    """A repository of the bundled model (ONNX int8) and two numbered versions of the tiny one
+    (TensorFlow): each answers on gRPC by name and version, as on HTTP, and Triton's repository
+    calls load and unload over gRPC."""
+    import shutil
+
+    from test_repository import BUNDLED, copy_version
+
+    repository = tmp_path / "models"
+    shutil.copytree(BUNDLED, repository / "cifar10")
+    copy_version(protocol_bundle, repository / "tiny" / "1")
+    copy_version(protocol_bundle, repository / "tiny" / "2")
+    port = free_port()
+    extra = ("--model-control", "explicit", "--version-policy", "all", "--grpc-port", str(port))
+    with running_server(repository, tmp_path, models=True, extra=extra) as live:
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        index = client.get_model_repository_index().models
+        assert sorted((m.name, m.version, m.state) for m in index)[1:] == [
+            ("tiny", "1", "READY"),
+            ("tiny", "2", "READY"),
+        ]
+        for name, version in (("cifar10", ""), ("tiny", "1"), ("tiny", "2")):
+            answer = client.infer(name, [bytes_input(JPEGS[:1])], model_version=version)
+            files = {"image": ("a.jpg", JPEGS[0], "image/jpeg")}
+            params = {"model": name, "version": version, "top_k": 1}
+            http = requests.post(live.url + "/v1/predict", files=files, params=params, timeout=60)
+            assert answer.get_response().model_name == name
+            assert answer.get_response().model_version == http.json()["model"]["version"]
+            best = float(answer.as_numpy("probabilities")[0].max())
+            assert best == pytest.approx(http.json()["results"][0]["score"], abs=1e-6)
+
+        request = tf_predict_request("tiny", JPEGS[:1])
+        request.model_spec.version.value = 1
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert TF_STUB(channel).Predict(request).model_spec.version.value == 1
+
+        client.unload_model("tiny")
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("tiny", [bytes_input(JPEGS[:1])])
+        assert caught.value.status() == "StatusCode.NOT_FOUND"
+        client.load_model("tiny")
+        assert client.is_model_ready("tiny", "2")
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("no-such-model")
+        assert caught.value.status() == "StatusCode.NOT_FOUND"

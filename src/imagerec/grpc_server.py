@@ -149,7 +149,8 @@ class GrpcServing:
         return self.v2.RepositoryModelLoadResponse()
 
     def repository_unload(self, request):
-        grpc_kserve.check_no_parameters(request)
+        # tritonclient always sends unload_dependents; imagerec has no ensembles to depend on.
+        grpc_kserve.check_no_parameters(request, ignored=("unload_dependents",))
         self.repository.unload(request.model_name)
         return self.v2.RepositoryModelUnloadResponse()
 

@@ -121,9 +121,11 @@ def fill_server_metadata(messages: Any) -> Any:
     return messages.ServerMetadataResponse(**server_metadata())
 
 
-def check_no_parameters(request: Any) -> None:
-    if request.parameters:
+def check_no_parameters(request: Any, ignored: tuple[str, ...] = ()) -> None:
+    """Refuse load or unload parameters, except `ignored` ones that change nothing here."""
+    given = sorted(set(request.parameters) - set(ignored))
+    if given:
         raise InvalidInput(
-            f"load parameters are not supported ({', '.join(sorted(request.parameters))}): the "
-            "model is read from its folder in the repository"
+            f"load parameters are not supported ({', '.join(given)}): the model is read from "
+            "its folder in the repository"
         )
