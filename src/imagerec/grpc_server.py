@@ -89,6 +89,7 @@ class GrpcServing:
 
     def held(self, name: str | None, version: str | None, run: Callable[[Any], Any]) -> Any:
         """`run(version)` on the version asked for, held meanwhile and counted per model."""
+        started = time.perf_counter()
         served = self.repository.acquire(name or None, version or None)
         status = "OK"
         try:
@@ -97,7 +98,9 @@ class GrpcServing:
             status = grpc_status(exc).name
             raise
         finally:
-            self.serving.metrics.model_requests.labels(served.name, served.version, status).inc()
+            metrics = self.serving.metrics
+            metrics.model_requests.labels(served.name, served.version, status).inc()
+            metrics.model_latency.labels(served.name).observe(time.perf_counter() - started)
             served.release()
 
     # -- inference.GRPCInferenceService -------------------------------------------------------
