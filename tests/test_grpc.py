@@ -350,6 +350,8 @@ def test_health_reflection_and_metrics(server, channel, protocol_predictor):
 
     before = images_classified(server[0])
     TF_STUB(channel).Predict(tf_predict_request(protocol_predictor.name, JPEGS))
+    with pytest.raises(grpc.RpcError):
+        TF_STUB(channel).Predict(tf_predict_request("no-such-model", JPEGS[:1]))
     metrics = requests.get(f"{server[0]}/metrics", timeout=30).text
     assert images_classified(server[0]) == before + len(JPEGS)  # one count for HTTP and gRPC
     predict = 'method="/tensorflow.serving.PredictionService/Predict"'

@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2
 
 from imagerec.errors import ImagerecError, InvalidInput
 from imagerec.protocols import grpc_kserve, grpc_tfserving
@@ -40,7 +41,8 @@ STATUS_CODES = {
     415: grpc.StatusCode.INVALID_ARGUMENT,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-HEALTH_POLL_S = 0.5  # how often readiness is copied into the health service
+HEALTH_POLL_S = 0.5  # how often Watch streams learn of a change in readiness
+HEALTH_SERVICE = health.SERVICE_NAME
 
 
 def grpc_status(error: ImagerecError) -> grpc.StatusCode:
@@ -221,11 +223,39 @@ class GrpcServing:
         return handlers
 
 
+class ReadinessHealth(health.HealthServicer):
+    """The health service: SERVING while the repository is ready. Check asks the repository
+    each time (a client that saw /readyz answer 200 never sees NOT_SERVING after it); Watch
+    streams follow `refresh()`."""
+
+    def __init__(self, repository: Any):
+        super().__init__(experimental_non_blocking=True)
+        self.repository = repository
+        self._status: int | None = None
+        self._refreshing = threading.Lock()  # not `_lock`: the base class has one
+
+    def refresh(self) -> None:
+        try:
+            self.repository.readiness()
+            now = health_pb2.HealthCheckResponse.SERVING
+        except ImagerecError:
+            now = health_pb2.HealthCheckResponse.NOT_SERVING
+        with self._refreshing:
+            if now != self._status:
+                for service in ("", KSERVE_SERVICE, TFSERVING_SERVICE):
+                    self.set(service, now)  # ignored once a shutdown has begun
+                self._status = now
+
+    def Check(self, request, context):  # noqa: N802 (the generated servicer's name)
+        self.refresh()
+        return super().Check(request, context)
+
+
 class GrpcServer:
     """The gRPC port: started with `start()`, stopped gracefully with `stop()`."""
 
     def __init__(self, serving: Any, host: str, port: int, grace_s: float = 10.0):
-        from grpc_health.v1 import health, health_pb2_grpc
+        from grpc_health.v1 import health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
         from imagerec.protocols.grpc_messages import protocol_pool
@@ -242,9 +272,9 @@ class GrpcServer:
             ],
         )
         self.server.add_generic_rpc_handlers(GrpcServing(serving).services())
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = ReadinessHealth(self.repository)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (KSERVE_SERVICE, TFSERVING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (KSERVE_SERVICE, TFSERVING_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server, pool=protocol_pool())
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -256,26 +286,15 @@ class GrpcServer:
         self._watcher = threading.Thread(target=self._watch, name="grpc-health", daemon=True)
 
     def start(self) -> GrpcServer:
+        self.health.refresh()
         self.server.start()
         self._watcher.start()
         return self
 
     def _watch(self) -> None:
-        """Copy the repository's readiness into the health service until stopped."""
-        from grpc_health.v1 import health_pb2
-
-        status = None
-        while not self._stopping.is_set():
-            try:
-                self.repository.readiness()
-                now = health_pb2.HealthCheckResponse.SERVING
-            except ImagerecError:
-                now = health_pb2.HealthCheckResponse.NOT_SERVING
-            if now != status:
-                for service in ("", KSERVE_SERVICE, TFSERVING_SERVICE):
-                    self.health.set(service, now)
-                status = now
-            self._stopping.wait(HEALTH_POLL_S)
+        """Keep the health service's Watch streams up to date until stopped."""
+        while not self._stopping.wait(HEALTH_POLL_S):
+            self.health.refresh()
 
     def stop(self) -> None:
         """NOT_SERVING, no new calls, the calls in flight finished (at most `grace_s`)."""
