@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(PYVER)
 NEEDS := imagerec needs Python 3.11, 3.12 or 3.13 (3.14 waits for TensorFlow, whose 3.14 wheels are only a release candidate)
 
-.PHONY: run test wheel print-python lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve clean
+.PHONY: run test fuzz wheel print-python lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "$(NEEDS): none of them is on PATH" >&2; exit 1; }
@@ -33,6 +33,11 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks setup.py
 	$(BIN)/ruff format --check src tests benchmarks setup.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fuzz suite's properties with many more generated requests (minutes; FUZZ_EXAMPLES each).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	IMAGEREC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q
 
 # The interpreter that .venv is made with (for .ci/run).
 print-python:

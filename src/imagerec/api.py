@@ -36,13 +36,21 @@ from imagerec.config import Settings
 from imagerec.errors import (
     ImagerecError,
     InvalidInput,
+    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from imagerec.hugcompat import FilePart, falcon, hug, install_input_formats
+from imagerec.hugcompat import (
+    FilePart,
+    falcon,
+    guard_input_formats,
+    hug,
+    install_input_formats,
+)
 from imagerec.images import MEDIA_TYPES, decode_image
 from imagerec.openapi import add_openapi_route
 from imagerec.protocols import add_tfserving_routes, add_v2_repository_routes, add_v2_routes
+from imagerec.protocols.common import error_message, protocol_error_prefixes
 from imagerec.repository import ModelRepository, ServedVersion
 from imagerec.webpage import add_web_routes
 
@@ -305,6 +313,33 @@ class LimitedReader:
         return line
 
 
+class ErrorShape:
+    """Falcon middleware: an error answer in some other shape (falcon's 405, hug's validation
+    errors) becomes {"error": {"code", "message"}}, except under the wire protocols' prefixes,
+    whose own middleware gives them {"error": "message"}."""
+
+    def __init__(self, api: hug.API):
+        self.api = api
+
+    def process_response(self, request, response, resource, req_succeeded) -> None:
+        status = int(str(response.status)[:3])
+        if status < 400 or request.path.startswith(protocol_error_prefixes(self.api)):
+            return
+        body = response.body if response.body is not None else response.data
+        try:
+            data = json.loads(body) if body else None
+        except (TypeError, ValueError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            return
+        reason = str(response.status)[4:]
+        message = error_message(body) or f"{request.method} {request.path}: {reason.lower()}"
+        code = reason.lower().replace(" ", "_") or "http_error"
+        response.content_type = falcon.MEDIA_JSON
+        response.data = None
+        response.body = json.dumps(ImagerecError(message, code=code, status=status).to_dict())
+
+
 class RequestMetrics:
     """Falcon middleware: count every answer by route and status, and time it."""
 
@@ -324,11 +359,23 @@ class RequestMetrics:
 
 
 def json_body(body, charset: str = "utf-8", **_params) -> Any:
-    """hug input format for application/json: malformed JSON is the client's 400, not a 500."""
+    """hug input format for application/json: malformed JSON, nesting too deep to parse or a
+    charset Python does not know is the client's 4xx, not a 500."""
+    data = body.read()
     try:
-        return json.loads(body.read().decode(charset))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = data.decode(charset)
+    except LookupError:
+        raise UnsupportedMediaType(
+            f"charset {charset!r} is not known: send the JSON in UTF-8", code="invalid_charset"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"the body is not valid {charset}: {exc}", code="invalid_json") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
         raise InvalidInput(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidInput("the JSON body is nested too deeply", code="invalid_json") from None
 
 
 def raw_image_body(body, **_params) -> dict:
@@ -449,6 +496,16 @@ def add_error_handler(api: hug.API) -> None:
         error = http_error(exception)
         response.status = _status_line(error.status)
         return error.to_dict()
+
+    def not_found(request, response, **_kwargs):
+        """A URL no route serves: 404 in the error shape (hug's own 404 page would describe
+        the whole API to whoever asks)."""
+        error = NotFound(f"no route for {request.method} {request.path}")
+        response.status = _status_line(error.status)
+        response.content_type = falcon.MEDIA_JSON
+        response.body = json.dumps(error.to_dict())
+
+    api.http.set_not_found_handler(not_found)
 
 
 def add_health_routes(api: hug.API) -> None:
@@ -605,6 +662,8 @@ def create_app(
     api.http.set_input_format("application/json", json_body)
     for media_type in RAW_IMAGE_TYPES:
         api.http.set_input_format(media_type, raw_image_body)
+    guard_input_formats(api)
+    api.http.add_middleware(ErrorShape(api))
     api.http.add_middleware(RequestMetrics(metrics))
     api.http.add_middleware(ModelHolds(metrics))
     api.http.add_middleware(BodySizeLimit(settings.max_body_bytes))

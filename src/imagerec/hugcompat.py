@@ -24,6 +24,7 @@ What the fork still leaves to us, and this module does:
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 import warnings
@@ -99,6 +100,35 @@ def _import_hug() -> types.ModuleType:
 
 hug = _import_hug()
 falcon = sys.modules["falcon"]  # hug imports falcon
+
+
+def guard_input_formats(api: hug.API) -> None:
+    """Make every body format of `api` (hug's defaults and the app's own) answer a body it
+    cannot read with the client's 4xx: hug's text and urlencoded formats raise LookupError for
+    an unknown charset and UnicodeDecodeError for bytes that are not in it, which would be 500s.
+    Call once the app's formats are set."""
+    from imagerec.errors import ImagerecError, InvalidInput, UnsupportedMediaType
+
+    def guarded(content_type: str, parse):
+        @functools.wraps(parse)
+        def read(body, **params):
+            try:
+                return parse(body, **params)
+            except ImagerecError:
+                raise
+            except LookupError:
+                charset = params.get("charset")
+                message = f"charset {charset!r} is not known: send {content_type} in UTF-8"
+                raise UnsupportedMediaType(message, code="invalid_charset") from None
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                message = f"the {content_type} body cannot be read: {exc}"
+                raise InvalidInput(message, code="invalid_body") from None
+
+        return read
+
+    formats = {**hug.defaults.input_format, **(getattr(api.http, "_input_format", None) or {})}
+    for content_type, parse in formats.items():
+        api.http.set_input_format(content_type, guarded(content_type, parse))
 
 
 def install_input_formats(api: hug.API) -> None:
