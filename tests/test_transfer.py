@@ -14,6 +14,9 @@ import http.server
 import inspect
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -251,18 +254,25 @@ def test_offline_names_the_url_the_file_and_where_to_put_it(keras_home):
     assert not keras_home.exists()  # nothing written, not even the cache folder
 
 
-def test_train_without_the_weights_fails_before_reading_anything(
-    photos, tmp_path, keras_home, isolated_cache, monkeypatch, capsys
-):
-    monkeypatch.setenv("IMAGEREC_WEIGHTS_URL", _closed_url())
+def test_train_without_the_weights_fails_before_reading_or_writing_anything(photos, tmp_path):
+    """The real command in a fresh process: one clear line, exit 1, and nothing on disk. Not
+    even Keras is imported (it would create $KERAS_HOME and its keras.json)."""
+    keras_home, cache = tmp_path / "keras-home", tmp_path / "cache"
     out = tmp_path / "models" / "photos"
-    code = main(["train", "--data", str(photos), "--arch", "mobilenetv3-large", "--out", str(out)])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("imagerec: error: could not download weights_mobilenet_v3_large")
-    assert "--weights none" in err
-    assert not out.parent.exists() and not keras_home.exists()
-    assert list(isolated_cache.iterdir()) == []  # the photos were not even decoded
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(keras_home),
+        "IMAGEREC_CACHE_DIR": str(cache),
+        "IMAGEREC_WEIGHTS_URL": _closed_url(),
+    }
+    command = [sys.executable, "-m", "imagerec.cli", "train", "--data", str(photos)]
+    command += ["--arch", "mobilenetv3-large", "--out", str(out)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("imagerec: error: could not download weights_mobilenet_v3_large")
+    assert "--weights none" in error and "Traceback" not in run.stderr
+    assert not out.parent.exists() and not keras_home.exists() and not cache.exists()
 
 
 def test_weights_flag_is_checked(photos, tmp_path, capsys):
@@ -390,3 +400,14 @@ def test_import_keras_writes_a_bundle_the_server_answers_with(
         model = requests.get(server.url + "/v1/model", timeout=10).json()
         assert model["input_shape"] == [224, 224, 3] and len(model["labels"]) == 1000
         assert requests.get(server.url + "/", timeout=10).status_code == 200
+
+
+def test_import_keras_offline_writes_nothing(tmp_path, keras_home, monkeypatch, capsys):
+    monkeypatch.setenv("IMAGEREC_WEIGHTS_URL", _closed_url())
+    out = tmp_path / "models" / "imagenet"
+    assert main(["import-keras", "efficientnetv2-b0", "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("imagerec: error: could not download efficientnetv2-b0.h5")
+    assert f"place it at {keras_home / 'models' / 'efficientnetv2-b0.h5'}" in error
+    assert "--weights" not in error  # import-keras has no way round it but the file
+    assert not out.parent.exists() and not (keras_home / "models").exists()

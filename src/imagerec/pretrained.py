@@ -175,20 +175,28 @@ class Weights:
     record: dict
 
 
-def _instructions(file: WeightFile, url: str, dest: Path) -> str:
+TRAIN_WITHOUT = "; or train from random weights with --weights none"
+
+
+def _instructions(url: str, dest: Path, otherwise: str) -> str:
     return (
-        f"To use these weights offline, download {url} on a machine with a network and place "
-        f"it at {dest} (the Keras cache: $KERAS_HOME/models, default ~/.keras/models), or point "
-        "IMAGEREC_WEIGHTS_URL at a mirror holding the same paths; or train from random weights "
-        "with --weights none"
+        f"To use it offline, download {url} on a machine with a network and place it at "
+        f"{dest} (the Keras cache: $KERAS_HOME/models, default ~/.keras/models), or point "
+        f"IMAGEREC_WEIGHTS_URL at a mirror holding the same paths{otherwise}"
     )
 
 
-def fetch(file: WeightFile, base_url: str = KERAS_WEIGHTS_URL, timeout_s: float = 10.0) -> Path:
+def fetch(
+    file: WeightFile,
+    base_url: str = KERAS_WEIGHTS_URL,
+    timeout_s: float = 10.0,
+    otherwise: str = TRAIN_WITHOUT,
+) -> Path:
     """The cached copy of `file`, downloaded first if the cache lacks it (or holds a copy whose
     hash is not the published one). The download goes to a temporary file beside its
     destination and is renamed into place only once its hash matches, so the cache never holds
-    part of a file. Raises WeightsUnavailable, naming the URL and where to place the file."""
+    part of a file. Raises WeightsUnavailable, naming the URL, where to place the file and
+    `otherwise`, the way round it."""
     cache = keras_cache_dir()
     dest = cache / file.name
     url = file.url(base_url)
@@ -204,19 +212,19 @@ def fetch(file: WeightFile, base_url: str = KERAS_WEIGHTS_URL, timeout_s: float 
     except urllib.error.HTTPError as exc:
         raise WeightsUnavailable(
             f"could not download {file.name}: {url} answered {exc.code} {exc.reason}. "
-            + _instructions(file, url, dest)
+            + _instructions(url, dest, otherwise)
         ) from None
     except (OSError, ValueError, HTTPException) as exc:  # URLError and timeouts are OSErrors
         reason = getattr(exc, "reason", None) or exc
         raise WeightsUnavailable(
             f"could not download {file.name} from {url}: {reason}. "
-            + _instructions(file, url, dest)
+            + _instructions(url, dest, otherwise)
         ) from None
     with response:
-        return _save(response, file, url, dest)
+        return _save(response, file, url, dest, otherwise)
 
 
-def _save(response, file: WeightFile, url: str, dest: Path) -> Path:
+def _save(response, file: WeightFile, url: str, dest: Path, otherwise: str) -> Path:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         descriptor, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{file.name}.")
@@ -239,7 +247,7 @@ def _save(response, file: WeightFile, url: str, dest: Path) -> Path:
             except (OSError, HTTPException) as exc:
                 raise WeightsUnavailable(
                     f"the download of {url} broke off: {exc}; nothing was kept. "
-                    + _instructions(file, url, dest)
+                    + _instructions(url, dest, otherwise)
                 ) from None
             handle.flush()
             os.fsync(handle.fileno())
@@ -247,7 +255,7 @@ def _save(response, file: WeightFile, url: str, dest: Path) -> Path:
             raise WeightsUnavailable(
                 f"{url} is not the published {file.name}: its {file.algorithm} is "
                 f"{digest.hexdigest()}, Keras {KERAS_VERSION} publishes {file.hash}; nothing "
-                "was kept. " + _instructions(file, url, dest)
+                "was kept. " + _instructions(url, dest, otherwise)
             )
         if file.hash is None:
             log.warning(
@@ -299,13 +307,15 @@ def resolve_weights(
     )
 
 
-def imagenet_labels(base_url: str = KERAS_WEIGHTS_URL, timeout_s: float = 10.0) -> list[str]:
+def imagenet_labels(
+    base_url: str = KERAS_WEIGHTS_URL, timeout_s: float = 10.0, otherwise: str = ""
+) -> list[str]:
     """The 1000 ImageNet class names in index order, from Keras' class index file.
 
     Two names occur twice in it (crane the bird and the machine, maillot); those get their
     WordNet id appended so that every label names one class.
     """
-    path = fetch(IMAGENET_CLASS_INDEX, base_url, timeout_s)
+    path = fetch(IMAGENET_CLASS_INDEX, base_url, timeout_s, otherwise)
     try:
         index = json.loads(path.read_text())
         pairs = [index[str(i)] for i in range(1000)]
@@ -330,7 +340,7 @@ def import_keras(
             code="bad_output",
         )
     # Both files before TensorFlow is imported: a machine without them fails in seconds.
-    weights = fetch(spec.top, base_url, timeout_s)
+    weights = fetch(spec.top, base_url, timeout_s, otherwise="")
     labels = imagenet_labels(base_url, timeout_s)
     from imagerec.tfimport import import_tensorflow
 

@@ -178,10 +178,9 @@ def _check_out(out: Path) -> None:
 
 
 def _check_config(config: TrainConfig) -> None:
-    from imagerec.models import ARCHITECTURES
-
-    if config.arch not in ARCHITECTURES:
-        raise ImagerecError(f"--arch must be one of {', '.join(ARCHITECTURES)}", code="usage")
+    architectures = ("resnet-small", *BACKBONES)  # models.ARCHITECTURES, without Keras' import
+    if config.arch not in architectures:
+        raise ImagerecError(f"--arch must be one of {', '.join(architectures)}", code="usage")
     if config.epochs < 1 or config.batch_size < 1:
         raise ImagerecError("--epochs and --batch-size must be at least 1", code="usage")
     if not 0 <= config.val_split < 1:
@@ -678,11 +677,17 @@ def _fit(
         validation = (val_set.x.astype(np.float32), np.eye(num_classes)[val_set.y])
     verbose = 1 if sys.stderr.isatty() else 2
     if config.arch in BACKBONES:
-        with _dtype_policy(precision):
-            model = build_model(
-                config.arch, num_classes, size, mean, std, weights=weights.path,
-                dropout=config.dropout,
-            )  # fmt: skip
+        try:
+            with _dtype_policy(precision):
+                model = build_model(
+                    config.arch, num_classes, size, mean, std, weights=weights.path,
+                    dropout=config.dropout,
+                )  # fmt: skip
+        except ValueError as exc:  # Keras' loader: a file of other layers or shapes
+            raise ImagerecError(
+                f"--weights {weights.path} does not fit {config.arch} without its top: {exc}",
+                code="usage",
+            ) from None
         fit = _fit_backbone(
             model, train_set, validation, config, weights, backup, steps_per_epoch, verbose
         )
