@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info and warnings
         logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # a line per conversion step
+        # An optimisation tf2onnx cannot apply is skipped, and logged with its traceback.
+        logging.getLogger("tf2onnx.optimizer").setLevel(logging.ERROR)
     try:
         if args.tensorflow:
             import_tensorflow()

@@ -30,7 +30,7 @@ import numpy as np
 
 from imagerec.bundle import Bundle, add_to_bundle
 from imagerec.engines import ENGINE_FILES, open_engine
-from imagerec.errors import InvalidInput
+from imagerec.errors import ImagerecError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         head = _classifier_head(prepared)
         # The percentile calibrator prints its progress to stdout: keep it off the terminal.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _calibration_errors():
             quantize_static(
                 str(prepared),
                 str(target),
@@ -122,6 +122,18 @@ def quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
                 nodes_to_exclude=head,
             )
         return target.read_bytes()
+
+
+@contextlib.contextmanager
+def _calibration_errors():
+    """The calibrator's failure as one clear error: an activation whose range is too narrow
+    for its histogram (seen with untrained, near-constant backbones) raises ValueError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ImagerecError(
+            f"the int8 quantiser could not calibrate this model: {exc}", code="int8_failed"
+        ) from None
 
 
 def _classifier_head(model_path: Path) -> list[str]:

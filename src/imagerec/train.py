@@ -762,7 +762,13 @@ def _export_engines(path: Path, train_set, val_set, config: TrainConfig) -> dict
         pick = np.sort(np.random.default_rng(config.seed).permutation(len(train_set))[:10_000])
         source = f"{len(pick)} of the training images (nothing was held out)"
         evaluation = Evaluation(train_set.x[pick], train_set.y[pick], source, True)
-    return export_bundle(path, int8=True, calibration=calibration, evaluation=evaluation)
+    try:
+        return export_bundle(path, int8=True, calibration=calibration, evaluation=evaluation)
+    except ImagerecError as exc:
+        if exc.code != "int8_failed":
+            raise
+        log.warning("%s; the bundle gets the float32 ONNX engine only", exc.message)
+    return export_bundle(path, int8=False, evaluation=evaluation)
 
 
 def compiled_model(
