@@ -8,6 +8,7 @@ loads), served by a local HTTP server, with their hashes put in place of the pub
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import http.server
@@ -397,6 +398,26 @@ def test_import_keras_writes_a_bundle_the_server_answers_with(
         assert answer.status_code == 200, answer.text
         result = answer.json()["results"][0]
         assert len(result["top_k"]) == 5 and {t["label"] for t in result["top_k"]} <= set(labels)
+        # Open Inference Protocol v2, Triton's classification extension: the same top 3.
+        v2 = requests.post(
+            server.url + "/v2/models/imagenet/infer",
+            json={
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "data": [base64.b64encode(jpeg).decode()],
+                    }
+                ],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
+            },
+            timeout=60,
+        )
+        assert v2.status_code == 200, v2.text
+        ranked = [text.split(":", 2) for text in v2.json()["outputs"][0]["data"]]
+        assert [label for _, _, label in ranked] == [t["label"] for t in result["top_k"][:3]]
+        assert [labels[int(index)] for _, index, _ in ranked] == [label for *_, label in ranked]
         model = requests.get(server.url + "/v1/model", timeout=10).json()
         assert model["input_shape"] == [224, 224, 3] and len(model["labels"]) == 1000
         assert requests.get(server.url + "/", timeout=10).status_code == 200
