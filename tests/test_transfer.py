@@ -40,35 +40,55 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+CLASSES = ("blue-squares", "red-discs")
+
+
+def _photo(rng: np.random.Generator, kind: int, size: tuple[int, int]) -> np.ndarray:
+    """An RGB photo of `size` (height, width): a blue square (kind 0) or a red disc on noise."""
+    height, width = size
+    image = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
+    side = int(min(height, width) * rng.uniform(0.3, 0.6))
+    y, x = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
+    if kind:
+        cv2.circle(image, (x + side // 2, y + side // 2), side // 2, (220, 40, 40), -1)
+    else:
+        cv2.rectangle(image, (x, y), (x + side, y + side), (40, 40, 200), -1)
+    return image
+
+
 def _write_photos(root: Path, per_class: int = 12) -> Path:
-    """Two classes of JPEG photos of mixed sizes: red discs and blue squares on noise."""
+    """Two classes of JPEG photos of mixed sizes, in root/<class>/."""
     rng = np.random.default_rng(0)
-    for label, colour in (("blue-squares", (200, 40, 40)), ("red-discs", (40, 40, 220))):
+    for kind, label in enumerate(CLASSES):
         (root / label).mkdir(parents=True)
         for index in range(per_class):
-            height, width = rng.integers(90, 400, 2)
-            image = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
-            side = int(min(height, width) * rng.uniform(0.3, 0.6))
-            y, x = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
-            if label == "red-discs":
-                cv2.circle(image, (x + side // 2, y + side // 2), side // 2, colour, -1)
-            else:
-                cv2.rectangle(image, (x, y), (x + side, y + side), colour, -1)
-            cv2.imwrite(str(root / label / f"{index:03d}.jpg"), image)  # BGR colours above
+            image = _photo(rng, kind, tuple(int(n) for n in rng.integers(90, 400, 2)))
+            cv2.imwrite(str(root / label / f"{index:03d}.jpg"), image[..., ::-1])  # RGB->BGR
     return root
 
 
 def _weight_file(arch: str, top: bool) -> bytes:
-    """Random weights in the layout of Keras' file for `arch`: legacy .h5, layer by layer."""
+    """Random weights in the layout of Keras' file for `arch`: legacy .h5, layer by layer.
+
+    Each batch norm's statistics are those of its input on a few test photos, as training
+    would leave them, so that activations keep their scale through the network instead of
+    fading to a constant (Keras' initial statistics, mean 0 and variance 1, let them fade).
+    """
     import h5py
     import keras
     from keras.src.legacy.saving import legacy_h5_format
 
     spec = BACKBONES[arch]
     keras.utils.set_random_seed(3)
+    # Built at 96x96 to be quick: no weight's shape depends on the input size.
     model = getattr(keras.applications, spec.constructor)(
-        input_shape=(224, 224, 3), include_top=top, weights=None
+        input_shape=(96, 96, 3), include_top=top, weights=None
     )
+    photos = np.stack([_photo(np.random.default_rng(i), i % 2, (96, 96)) for i in range(8)])
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0  # one training-mode pass then leaves each its batch's statistics
+    model(photos.astype("float32"), training=True)
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, model)
@@ -334,7 +354,7 @@ def test_fine_tuning_trains_the_head_then_the_top_of_the_backbone(
     result = train(photos, tmp_path / "photos", config, settings=settings)
 
     bundle = Bundle.load(result.path)
-    assert bundle.labels == ["blue-squares", "red-discs"]
+    assert bundle.labels == list(CLASSES)
     assert bundle.preprocess.input_size == (64, 64)
     backbone = result.metrics["backbone"]
     assert backbone["weights"]["md5"] == made_hashes["notop"]
