@@ -236,12 +236,14 @@ def _score_engines(
             (Path(work) / name).write_bytes(data)
         scratch = dataclasses.replace(bundle, path=Path(work))
         top1 = {}
+        # 256 CIFAR images' worth of pixels a call: 16 photos at 224x224 keep memory in bounds.
+        step = max(16, 256 * 32 * 32 // (evaluation.x.shape[1] * evaluation.x.shape[2]))
         for name in names:
             engine = open_engine(bundle if name == "tensorflow" else scratch, name)
             top1[name] = np.concatenate(
                 [
-                    engine(evaluation.x[i : i + 256]).argmax(1)
-                    for i in range(0, len(evaluation.x), 256)
+                    engine(evaluation.x[i : i + step]).argmax(1)
+                    for i in range(0, len(evaluation.x), step)
                 ]
             )
     for name in names:

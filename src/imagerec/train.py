@@ -871,9 +871,13 @@ def _curves(history: dict[str, list[float]], config: TrainConfig) -> bytes:
     return training_curves_png(history, f"{config.arch}, {config.epochs} epochs")
 
 
-def predict_probabilities(model, images: np.ndarray, tta: str, batch_size: int = 500):
-    """Probabilities over uint8 images with the given TTA, in batches."""
+def predict_probabilities(model, images: np.ndarray, tta: str, batch_size: int | None = None):
+    """Probabilities over uint8 images with the given TTA, in batches (by default 500 CIFAR
+    images' worth of pixels, at least 16 images: photos at 224x224 come 16 at a time)."""
     import tensorflow as tf
+
+    if batch_size is None:
+        batch_size = max(16, 500 * 32 * 32 // (images.shape[1] * images.shape[2]))
 
     @tf.function(reduce_retracing=True)
     def forward(batch):
