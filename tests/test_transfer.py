@@ -452,3 +452,21 @@ def test_import_keras_offline_writes_nothing(tmp_path, keras_home, monkeypatch, 
     assert f"place it at {keras_home / 'models' / 'efficientnetv2-b0.h5'}" in error
     assert "--weights" not in error  # import-keras has no way round it but the file
     assert not out.parent.exists() and not (keras_home / "models").exists()
+
+
+def test_a_mirror_without_the_file_and_a_weight_file_of_ones_own(
+    mirror, keras_home, made_files, tmp_path
+):
+    spec = BACKBONES["efficientnetv2-b0"]  # the mirror holds only mobilenetv3-small's files
+    with pytest.raises(WeightsUnavailable) as error:
+        pretrained.resolve_weights("efficientnetv2-b0", "imagenet", 224, mirror.url)
+    assert f"{mirror.url}{spec.notop.path} answered 404" in error.value.message
+    own = tmp_path / "mine.h5"
+    own.write_bytes(made_files[BACKBONES[ARCH].notop.name])
+    weights = pretrained.resolve_weights(ARCH, str(own), 224)
+    assert weights.path == own and weights.record == {
+        "source": "file",
+        "path": str(own),
+        "sha256": hashlib.sha256(own.read_bytes()).hexdigest(),
+    }
+    assert not (keras_home / "models").exists()
