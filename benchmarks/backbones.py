@@ -132,7 +132,10 @@ def main() -> int:
             f"{spec.imagenet_top1:.1%}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
-    sources = sorted({BACKBONES[arch].top1_source for arch in arches})
+    sources = {}
+    for arch in arches:
+        sources.setdefault(BACKBONES[arch].top1_source, []).append(arch)
+    cited = "; ".join(f"{', '.join(names)}: {source}" for source, names in sources.items())
     command = "python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/backbones.py", *sys.argv[1:]]
     )
@@ -157,7 +160,7 @@ Keras' legacy .h5 layout with random values. The baseline row is {BASELINE}.
 |---|---|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-ImageNet top-1: not measured here; as reported in {" and in ".join(sources)}.
+ImageNet top-1: not measured here; as Keras' documentation reports it ({cited}).
 """
     args.results.write_text(text)
     print(text)
