@@ -13,7 +13,7 @@ import pytest
 
 from imagerec.bundle import Bundle, verify_bundle
 from imagerec.cli import main
-from imagerec.export import Evaluation, export_bundle
+from imagerec.export import Evaluation, export_bundle, whole_batches
 from imagerec.images import load_image
 from tiny_bundle import SAMPLES, make_tiny_bundle
 
@@ -99,3 +99,11 @@ def test_the_export_command_refuses_int8_without_data(tiny, capsys):
     assert main(["export", str(tiny), "--int8"]) == 1
     assert "--int8 needs --data" in capsys.readouterr().err
     assert not (tiny / "model.onnx").exists()
+
+
+def test_calibration_images_are_capped_by_pixels_so_large_photos_fit_in_memory():
+    assert len(whole_batches(np.zeros((512, 32, 32, 3), np.uint8))) == 512  # CIFAR's, all
+    assert len(whole_batches(np.zeros((600, 32, 32, 3), np.uint8))) == 576  # whole batches
+    photos = np.zeros((245, 224, 224, 3), np.uint8)
+    assert len(whole_batches(photos)) == 20  # 1,024 images of 32x32 in pixels
+    assert len(whole_batches(np.zeros((3, 2000, 2000, 3), np.uint8))) == 1

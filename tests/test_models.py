@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import keras
 import numpy as np
 import pytest
@@ -11,8 +9,9 @@ import pytest
 from imagerec.models import (
     FusedBatchNormalization,
     build_model,
-    mobilenet_v2,
     resnet_small,
+    transfer_model,
+    unfreeze_top,
     whitening_kernel,
 )
 from imagerec.train import (
@@ -160,26 +159,31 @@ def test_build_model_rejects_unknown_architecture():
         build_model("vgg", 10, (32, 32), [0.0] * 3, [1.0] * 3)
 
 
-def test_mobilenet_without_local_weights_trains_from_scratch(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING):
-        model = mobilenet_v2(4, (32, 32), weights="auto")
-    assert "trains from scratch" in caplog.text
+@pytest.mark.parametrize("arch", ["mobilenetv2", "efficientnetv2-b0"])
+def test_a_backbone_from_random_weights_takes_pixels_and_gives_probabilities(arch):
+    model = transfer_model(arch, 4, (32, 32), weights=None)
     assert model.output_shape == (None, 4)
     probs = model(np.zeros((2, 32, 32, 3), np.float32), training=False).numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert all(layer.trainable for layer in model.layers)
+    # Each backbone's own input scaling is inside the model: the bundle feeds 0..255.
+    scaling = [layer for layer in model.get_layer("backbone").layers[:3] + model.layers[:3]]
+    assert any(isinstance(layer, keras.layers.Rescaling) for layer in scaling)
 
 
-def test_mobilenet_uses_a_local_weight_file_and_freezes_the_base(tmp_path):
+def test_a_backbone_loads_a_weight_file_and_unfreezes_only_its_top(tmp_path):
     donor = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=None)
     path = tmp_path / "imagenet.weights.h5"
     donor.save_weights(path)
-    model = mobilenet_v2(3, (32, 32), weights=path)
-    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    assert base.trainable is False
+    model = transfer_model("mobilenetv2", 3, (32, 32), weights=path)
+    base = model.get_layer("backbone")
     for ours, theirs in zip(base.get_weights(), donor.get_weights(), strict=True):
         assert np.array_equal(ours, theirs)
+    opened = unfreeze_top(base, 10)
+    trainable = [layer for layer in base.layers if layer.trainable]
+    assert 0 < opened <= len(trainable) <= 10
+    assert set(trainable) <= set(base.layers[-10:])
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
 
 
 def test_schedule_warms_up_then_decays_linearly_to_zero():

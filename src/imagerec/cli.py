@@ -12,6 +12,7 @@ from pathlib import Path
 
 from imagerec.config import Settings
 from imagerec.errors import ImagerecError
+from imagerec.pretrained import BACKBONES
 from imagerec.tfimport import import_tensorflow
 
 log = logging.getLogger("imagerec")
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info and warnings
         logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # a line per conversion step
+        # An optimisation tf2onnx cannot apply is skipped, and logged with its traceback.
+        logging.getLogger("tf2onnx.optimizer").setLevel(logging.ERROR)
     try:
         if args.tensorflow:
             import_tensorflow()
@@ -60,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--arch",
         default=None,
-        help="resnet-small (default for small images) "
-        "or mobilenetv2 (transfer learning for larger images)",
+        help="resnet-small (the default, for small images such as CIFAR's) or an "
+        f"ImageNet-pretrained backbone for photos: {', '.join(BACKBONES)}",
+    )
+    train.add_argument(
+        "--weights",
+        default=None,
+        metavar="imagenet|none|PATH",
+        help="the backbone's starting weights: imagenet (the default; downloaded once into "
+        "the Keras cache, IMAGEREC_WEIGHTS_URL for a mirror), none (random) or a weight file",
     )
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
@@ -86,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="square input size for image folders (default 32 for resnet-small)",
+        help="square input size for image folders (default 32 for resnet-small, 224 for the "
+        "backbones)",
     )
     train.add_argument("--cache-dir", type=Path, default=None)
     train.add_argument(
@@ -95,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test-time augmentation stored in the bundle (default flip)",
     )
-    train.set_defaults(handler=cmd_train, tensorflow=True)
+    # TensorFlow is imported once the weights are at hand (cmd_train): fail fast without them.
+    train.set_defaults(handler=cmd_train)
+
+    keras_import = commands.add_parser(
+        "import-keras",
+        help="write Keras' pretrained 1000-class ImageNet classifier as a bundle",
+    )
+    keras_import.add_argument("name", choices=list(BACKBONES), help="the backbone")
+    keras_import.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    keras_import.set_defaults(handler=cmd_import_keras)
 
     export = commands.add_parser(
         "export", help="add ONNX models (float32, and int8 with --int8) to a bundle"
@@ -215,24 +235,24 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def cmd_train(args) -> int:
-    from imagerec.train import TrainConfig, train
+    from imagerec.train import TrainConfig, starting_weights, train
 
     settings = Settings.from_env(cache_dir=args.cache_dir)
     overrides = {
-        "arch": args.arch,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "val_split": args.val_split,
         "image_size": args.image_size,
         "tta": args.tta,
         "widths": args.widths,
+        "weights": args.weights,
     }
-    config = TrainConfig(
-        seed=args.seed,
-        split_seed=args.split_seed,
-        **{k: v for k, v in overrides.items() if v is not None},
+    config = TrainConfig.for_arch(
+        args.arch, seed=args.seed, split_seed=args.split_seed, **overrides
     )
-    result = train(args.data, args.out, config, cache_dir=settings.cache_dir)
+    weights = starting_weights(config, settings)
+    import_tensorflow()
+    result = train(args.data, args.out, config, settings.cache_dir, settings, weights)
     metrics = result.metrics
     print(f"wrote {result.path}")
     if metrics.get("val_accuracy") is not None:
@@ -246,6 +266,15 @@ def cmd_train(args) -> int:
             f"{metrics['train_accuracy']:.4f} ({metrics['train_accuracy_tta']:.4f} with flip TTA)"
         )
     print(f"{metrics['epochs']} epochs in {metrics['wall_time_s']:.0f} s")
+    return 0
+
+
+def cmd_import_keras(args) -> int:
+    from imagerec.pretrained import import_keras
+
+    settings = Settings.from_env()
+    path = import_keras(args.name, args.out, settings.weights_url, settings.download_timeout_s)
+    print(f"wrote {path}: Keras' {args.name} ImageNet classifier, 1000 labels")
     return 0
 
 

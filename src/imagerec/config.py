@@ -47,6 +47,9 @@ class Settings:
     top_k: int = 3
     engine: str = "auto"  # auto, tensorflow, onnx or onnx-int8 (imagerec.engines)
     cache_dir: Path = field(default_factory=_default_cache)
+    # Pretrained weights (imagerec.pretrained): Keras' host, or a mirror with the same paths.
+    weights_url: str = "https://storage.googleapis.com/"
+    download_timeout_s: float = 10.0  # connect and read: offline fails in seconds, not minutes
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

@@ -63,3 +63,10 @@ class BundleError(ImagerecError):
 
     status = 500
     code = "invalid_bundle"
+
+
+class WeightsUnavailable(ImagerecError):
+    """Pretrained weights could not be had: offline, refused, or not the published file."""
+
+    status = 503
+    code = "weights_unavailable"

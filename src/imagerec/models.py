@@ -8,19 +8,18 @@ training.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras import layers
 
+from imagerec.pretrained import BACKBONES
+
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("resnet-small", "mobilenetv2")
+ARCHITECTURES = ("resnet-small", *BACKBONES)
 SHORTCUTS = ("identity-init", "add", "none")  # resnet_small's ways across a conv group
-# Keras caches downloaded application weights here; we only use them when already present.
-MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5"
 
 
 def build_model(
@@ -33,8 +32,8 @@ def build_model(
 ) -> keras.Model:
     if arch == "resnet-small":
         return resnet_small(num_classes, input_size, mean, std, **kwargs)
-    if arch == "mobilenetv2":
-        return mobilenet_v2(num_classes, input_size, **kwargs)
+    if arch in BACKBONES:
+        return transfer_model(arch, num_classes, input_size, **kwargs)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
@@ -189,41 +188,69 @@ def init_whitening(model: keras.Model, images: np.ndarray, mean, std) -> None:
     layer.kernel.assign(kernel)
 
 
-def mobilenet_v2(
+def _backbone(arch: str, input_size: tuple[int, int], include_top: bool, weights) -> keras.Model:
+    spec = BACKBONES[arch]
+    options = {"include_preprocessing": True} if spec.preprocessing_inside else {}
+    model = getattr(keras.applications, spec.constructor)(
+        input_shape=(*input_size, 3),
+        include_top=include_top,
+        weights=None if weights is None else str(weights),
+        **options,
+    )
+    # Renamed, not passed as name=: EfficientNetV2 looks its blocks up by its name.
+    model.name = "backbone"
+    return model
+
+
+def _scaled_input(arch: str, input_size: tuple[int, int]):
+    """The pixels input and, for a backbone without its scaling inside, that scaling."""
+    inputs = keras.Input((*input_size, 3), name="pixels")
+    if BACKBONES[arch].preprocessing_inside:
+        return inputs, inputs
+    # MobileNetV2's range, which keras.applications.mobilenet_v2.preprocess_input applies.
+    return inputs, layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inputs)
+
+
+def transfer_model(
+    arch: str,
     num_classes: int,
-    input_size: tuple[int, int] = (96, 96),
-    weights: str | Path | None = "auto",
+    input_size: tuple[int, int] = (224, 224),
+    weights: str | Path | None = None,
     dropout: float = 0.2,
 ) -> keras.Model:
-    """MobileNetV2 for transfer learning on larger images.
+    """An ImageNet backbone from keras.applications under a new classifier head, as in Keras'
+    transfer-learning guide: pooled features, dropout, one dense layer.
 
-    weights="auto" uses ImageNet weights when the Keras weight file is already on this machine
-    (nothing is downloaded) and trains from scratch otherwise; None always trains from scratch.
+    The backbone is the layer named "backbone" and is always called in inference mode, so its
+    batch norm keeps ImageNet's statistics even when unfrozen (the guide's advice for small
+    datasets). `weights`: a file in Keras' layout for the backbone without its top (see
+    imagerec.pretrained), or None for random initialisation.
     """
-    if weights == "auto":
-        weights = _local_mobilenet_weights(input_size)
-    inputs = keras.Input((*input_size, 3), name="pixels")
-    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inputs)  # MobileNetV2's range
-    base = keras.applications.MobileNetV2(
-        input_shape=(*input_size, 3), include_top=False, weights=None, alpha=1.0
-    )
-    if weights is not None:
-        base.load_weights(str(weights))
-        base.trainable = False  # train the new head on frozen ImageNet features
-        log.info("MobileNetV2 uses ImageNet weights from %s", weights)
-    x = base(x)
+    inputs, x = _scaled_input(arch, input_size)
+    base = _backbone(arch, input_size, include_top=False, weights=weights)
+    x = base(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(num_classes, name="logits")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="mobilenet_v2")
+    return keras.Model(inputs, outputs, name=arch.replace("-", "_"))
 
 
-def _local_mobilenet_weights(input_size: tuple[int, int]) -> Path | None:
-    size = input_size[0] if input_size[0] in (96, 128, 160, 192, 224) else 224
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    path = keras_home / "models" / MOBILENET_WEIGHTS.format(size=size)
-    if path.is_file():
-        return path
-    log.warning("no local ImageNet weights at %s: MobileNetV2 trains from scratch", path)
-    return None
+def imagenet_classifier(arch: str, weights: str | Path | None) -> keras.Model:
+    """Keras' 1000-class ImageNet model for `arch` at its default size, taking RGB 0..255."""
+    size = BACKBONES[arch].default_size
+    inputs, x = _scaled_input(arch, (size, size))
+    outputs = _backbone(arch, (size, size), include_top=True, weights=weights)(x)
+    return keras.Model(inputs, outputs, name=f"{arch.replace('-', '_')}_imagenet")
+
+
+def unfreeze_top(base: keras.Model, count: int) -> int:
+    """Make the top `count` layers of `base` trainable, batch norm excepted (Keras' EfficientNet
+    fine-tuning example); the rest stay frozen. Returns how many layers became trainable."""
+    base.trainable = True
+    cut = max(0, len(base.layers) - count)
+    opened = 0
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= cut and not isinstance(layer, layers.BatchNormalization)
+        opened += bool(layer.trainable and layer.weights)
+    return opened

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from imagerec.bundle import Preprocess, write_bundle
+from imagerec.config import Settings
 from imagerec.errors import DatasetError, ImagerecError
+from imagerec.pretrained import BACKBONES, WEIGHTS_CHOICES, Weights, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class TrainConfig:
     val_split: float = 0.1  # fraction held out, stratified; 0 trains on everything
     seed: int = 0  # weights, augmentation and shuffling
     split_seed: int = 0  # which images are held out: fixed, so runs of any seed compare
-    image_size: int | None = None  # square side; None: 32 for resnet-small, 96 for mobilenetv2
+    image_size: int | None = None  # square side; None: 32 for resnet-small, else the backbone's
     tta: str = "flip"  # test-time augmentation stored in the bundle: mirror and average
     export_onnx: bool = True  # add model.onnx and model-int8.onnx, scored (imagerec.export)
     # Rates in airbench94's decoupled form, per 1024 images and independent of the momentum;
@@ -52,10 +54,55 @@ class TrainConfig:
     translate: int = 2  # pixels of random translation with reflection padding (airbench94)
     cutout: int = 0  # side of a random square set to the mean colour (airbench96); 0: off
     precision: str = "auto"  # "auto": bfloat16 compute where the CPU has it (AMX/AVX512-BF16)
+    # Transfer learning on the keras.applications backbones (imagerec.pretrained), after Keras'
+    # transfer-learning guide (keras.io/guides/transfer_learning): a new head trained on the
+    # frozen backbone, then the top of the backbone fine-tuned at a low rate. Its other
+    # defaults differ from the CIFAR recipe's: TRANSFER_DEFAULTS, applied by for_arch().
+    weights: str | None = None  # imagenet (fetched once), none, or a weight file; None: imagenet
+    head_share: float = 0.5  # of the epochs, this share trains the head alone; the rest fine-tune
+    head_lr: float = 1e-3  # Adam on the new head (the guide: Adam's default rate)
+    fine_tune_lr: float = 1e-5  # Adam once unfrozen (the guide): moves pretrained features a little
+    # Backbone layers unfrozen for fine-tuning, counted from its output, batch norm excepted
+    # (Keras' EfficientNet fine-tuning example): few photos cannot retrain the early filters.
+    fine_tune_layers: int = 20
+    scratch_lr: float = 1e-3  # --weights none: Adam on every layer from the start
+    dropout: float = 0.2  # before the new head (the guide)
+    # Random resized crop (Inception's augmentation, torchvision's RandomResizedCrop): keep this
+    # share of the image's area at least, aspect ratio within 3/4..4/3. Above the usual 0.08:
+    # the photos are already framed and a few hundred of them cannot afford much missing.
+    crop_scale: float = 0.35
+    jitter: float = 0.1  # colour: brightness, contrast and saturation each within +-10%
+
+    @classmethod
+    def for_arch(cls, arch: str | None = None, **overrides) -> TrainConfig:
+        """The recipe for `arch`: these defaults, TRANSFER_DEFAULTS for a backbone, then the
+        overrides that are not None."""
+        arch = arch or cls.arch
+        values = dict(TRANSFER_DEFAULTS) if arch in BACKBONES else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(arch=arch, **values)
 
     def resolved_image_size(self) -> tuple[int, int]:
-        side = self.image_size or (96 if self.arch == "mobilenetv2" else 32)
+        default = BACKBONES[self.arch].default_size if self.arch in BACKBONES else 32
+        side = self.image_size or default
         return side, side
+
+    def resolved_weights(self) -> str | None:
+        if self.arch not in BACKBONES:
+            return None
+        return self.weights or "imagenet"
+
+
+# The backbones' recipe where it differs from the CIFAR one above (TrainConfig.for_arch).
+TRANSFER_DEFAULTS = {
+    # 5 epochs on the head, 5 fine-tuning: a head over pretrained features converges in a few
+    # passes over a few hundred photos; the low fine-tuning rate needs a few more to matter.
+    "epochs": 10,
+    "batch_size": 32,  # Keras' own default: a few hundred photos still give many steps an epoch
+    "label_smoothing": 0.1,  # Inception v3's value, the usual one for ImageNet backbones
+    "translate": 0,  # the random resized crop moves the image instead
+    "weights": "imagenet",
+}
 
 
 @dataclass
@@ -69,15 +116,21 @@ def train(
     out: str | os.PathLike,
     config: TrainConfig | None = None,
     cache_dir: Path | None = None,
+    settings: Settings | None = None,
+    weights: Weights | None = None,
 ) -> TrainResult:
-    """Train on `data` ('cifar10' or a path) and write a verified bundle to `out`."""
+    """Train on `data` ('cifar10' or a path) and write a verified bundle to `out`.
+
+    A backbone's pretrained weights (`weights`, else `starting_weights`) are fetched or found
+    in the cache first, before any data is read or anything written."""
     from imagerec import data as datasets
 
     config = config or TrainConfig()
     out = Path(out)
-    _check_out(out)
-    _check_config(config)
+    if weights is None:
+        weights = starting_weights(config, settings or Settings.from_env())
     size = config.resolved_image_size()
+    _check_out(out)
     train_set, val_set = datasets.load_dataset(data, size, cache_dir=cache_dir)
     if val_set is None and config.val_split > 0:
         train_set, val_set = datasets.stratified_split(
@@ -86,7 +139,24 @@ def train(
     if len(train_set) < config.batch_size:
         log.info("only %d training images: batch size lowered to match", len(train_set))
         config.batch_size = max(1, len(train_set))
-    return _fit(train_set, val_set, out, config, size, str(data))
+    return _fit(train_set, val_set, out, config, size, str(data), weights)
+
+
+def starting_weights(config: TrainConfig, settings: Settings) -> Weights | None:
+    """Check `config`, then find its backbone's starting weights: downloaded once, or from the
+    cache. None for resnet-small. The command line calls this before importing TensorFlow, so
+    that a machine without the weights fails in a second or two."""
+    _check_config(config)
+    if config.arch not in BACKBONES:
+        return None
+    size = config.resolved_image_size()
+    return resolve_weights(
+        config.arch,
+        config.resolved_weights(),
+        size[0],
+        settings.weights_url,
+        settings.download_timeout_s,
+    )
 
 
 def _check_out(out: Path) -> None:
@@ -108,16 +178,26 @@ def _check_out(out: Path) -> None:
 
 
 def _check_config(config: TrainConfig) -> None:
-    from imagerec.models import ARCHITECTURES
-
-    if config.arch not in ARCHITECTURES:
-        raise ImagerecError(f"--arch must be one of {', '.join(ARCHITECTURES)}", code="usage")
+    architectures = ("resnet-small", *BACKBONES)  # models.ARCHITECTURES, without Keras' import
+    if config.arch not in architectures:
+        raise ImagerecError(f"--arch must be one of {', '.join(architectures)}", code="usage")
     if config.epochs < 1 or config.batch_size < 1:
         raise ImagerecError("--epochs and --batch-size must be at least 1", code="usage")
     if not 0 <= config.val_split < 1:
         raise ImagerecError("--val-split must be in [0, 1)", code="usage")
     if config.image_size is not None and config.image_size < 8:
         raise ImagerecError("--image-size must be at least 8", code="usage")
+    if config.arch in BACKBONES:
+        if config.image_size is not None and config.image_size < 32:
+            raise ImagerecError(f"--image-size must be at least 32 for {config.arch}", code="usage")
+        if not 0 < config.head_share <= 1 or config.fine_tune_layers < 0:
+            raise ImagerecError("head_share must be in (0, 1], fine_tune_layers >= 0", code="usage")
+    elif config.weights is not None:
+        raise ImagerecError(
+            f"--weights ({WEIGHTS_CHOICES}) is for the pretrained backbones "
+            f"({', '.join(BACKBONES)}), not {config.arch}",
+            code="usage",
+        )
     if config.arch == "resnet-small":
         if not config.widths or min(config.widths) < 1:
             raise ImagerecError("--widths needs one or more positive widths", code="usage")
@@ -368,6 +448,180 @@ def _stream_batches(stream, config: TrainConfig, num_classes: int):
     return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
+def _fit_from_scratch(
+    train_set, validation, config, size, sample, mean, std, backup, steps_per_epoch, precision,
+    verbose,
+):  # fmt: skip
+    """resnet-small's recipe: one fit, SGD with airbench94's schedule and lookahead."""
+    import keras
+
+    from imagerec import data as datasets
+
+    streaming = isinstance(train_set, datasets.StreamingImageSet)
+    num_classes = len(train_set.class_names)
+    total_steps = steps_per_epoch * config.epochs
+    with _dtype_policy(precision):
+        model = compiled_model(config, num_classes, size, sample, mean, std, total_steps)
+    callbacks = [_EpochTimer()]
+    if config.lookahead and config.arch == "resnet-small":  # measured with its SGD recipe only
+        # Before the checkpoint callback, so that the checkpoint holds the slow weights.
+        callbacks.append(_lookahead(total_steps, start_step=int(0.3 * total_steps)))
+    callbacks += [
+        keras.callbacks.CSVLogger(str(backup / "history.csv"), append=True),
+        keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), delete_checkpoint=False),
+    ]
+    if streaming:
+        batches = _stream_batches(train_set, config, num_classes)
+    else:
+        batches = batch_dataset(train_set.x, train_set.y, config, num_classes)
+    history = model.fit(
+        batches,
+        epochs=config.epochs,
+        steps_per_epoch=None if streaming else steps_per_epoch,
+        validation_data=validation,
+        callbacks=callbacks,
+        shuffle=False,  # the batches come shuffled; Keras warns that it cannot shuffle a dataset
+        verbose=verbose,
+    )
+    resumed_at = history.epoch[0] if history.epoch else config.epochs
+    return model, resumed_at, None
+
+
+def _fit_backbone(
+    model, train_set, validation, config, weights: Weights, backup, steps_per_epoch, verbose
+):
+    """Keras' transfer-learning recipe: the new head on the frozen backbone, then its top
+    `fine_tune_layers` unfrozen at `fine_tune_lr`. From random weights (--weights none) every
+    layer trains from the start instead. Each phase keeps its own checkpoint, so a killed run
+    resumes in the phase it was in."""
+    import keras
+
+    from imagerec import data as datasets
+    from imagerec.models import unfreeze_top
+
+    streaming = isinstance(train_set, datasets.StreamingImageSet)
+    num_classes = len(train_set.class_names)
+    batches = photo_batches(train_set, config, num_classes)
+    base = model.get_layer("backbone")
+    if weights.path is None:
+        plan = [("all layers, random start", 0, config.epochs, config.scratch_lr, None)]
+    else:
+        head = max(1, round(config.epochs * config.head_share))
+        plan = [("head on the frozen backbone", 0, head, config.head_lr, 0)]
+        if head < config.epochs:
+            plan.append(
+                ("top of the backbone unfrozen", head, config.epochs, config.fine_tune_lr,
+                 config.fine_tune_layers)
+            )  # fmt: skip
+    phases, resumed_at = [], None
+    for index, (what, first, last, rate, unfrozen) in enumerate(plan):
+        if unfrozen is None:
+            base.trainable = True
+            opened = sum(1 for layer in base.layers if layer.weights)
+        elif unfrozen == 0:
+            base.trainable = False
+            opened = 0
+        else:
+            opened = unfreeze_top(base, unfrozen)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
+        log.info("epochs %d-%d: %s, Adam at %g (%d backbone layers with weights train)",
+                 first + 1, last, what, rate, opened)  # fmt: skip
+        checkpoint = backup / f"checkpoint-phase{index + 1}"
+        history = model.fit(
+            batches,
+            initial_epoch=first,
+            epochs=last,
+            steps_per_epoch=None if streaming else steps_per_epoch,
+            validation_data=validation,
+            callbacks=[
+                _EpochTimer(),
+                keras.callbacks.CSVLogger(str(backup / "history.csv"), append=True),
+                keras.callbacks.BackupAndRestore(str(checkpoint), delete_checkpoint=False),
+            ],
+            shuffle=False,  # photo_batches shuffles
+            verbose=verbose,
+        )
+        if resumed_at is None and history.epoch:
+            resumed_at = history.epoch[0]
+        phases.append(
+            {"epochs": [first + 1, last], "trains": what, "adam_lr": rate,
+             "backbone_layers_trained": opened}
+        )  # fmt: skip
+    return model, resumed_at if resumed_at is not None else config.epochs, phases
+
+
+def photo_batches(train_set, config: TrainConfig, num_classes: int):
+    """Training batches of photos for the backbones: shuffled, then augmented in the tf.data
+    graph by `augment_photos` (random resized crop, flip, colour jitter)."""
+    import tensorflow as tf
+
+    from imagerec import data as datasets
+
+    height, width = train_set.image_size
+    if isinstance(train_set, datasets.StreamingImageSet):
+        dataset = train_set.to_tf_dataset(config.batch_size, shuffle=True, seed=config.seed)
+    else:
+        x, y = train_set.x, train_set.y
+
+        def endless():
+            rng = np.random.default_rng(config.seed)
+            while True:
+                order = rng.permutation(len(x))
+                for start in range(0, len(x), config.batch_size):
+                    pick = np.sort(order[start : start + config.batch_size])
+                    yield x[pick], y[pick]
+
+        signature = (
+            tf.TensorSpec((None, height, width, 3), tf.uint8),
+            tf.TensorSpec((None,), y.dtype),
+        )
+        dataset = tf.data.Dataset.from_generator(endless, output_signature=signature)
+
+    def prepare(images, labels):
+        images = augment_photos(images, config.crop_scale, config.jitter)
+        return images, tf.one_hot(labels, num_classes)
+
+    return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def augment_photos(images, crop_scale: float, jitter: float):
+    """Random resized crop (area share in [crop_scale, 1], aspect ratio in [3/4, 4/3]) back to
+    the batch's size, horizontal flip, and brightness, contrast and saturation each scaled
+    within 1 +- `jitter`, of a batch of RGB images; returns float32 in 0..255."""
+    import tensorflow as tf
+
+    images = tf.cast(images, tf.float32)
+    count = tf.shape(images)[0]
+    height, width = images.shape[1], images.shape[2]
+    uniform = tf.random.uniform
+    area = uniform([count], crop_scale, 1.0)
+    log_ratio = uniform([count], np.log(3 / 4), np.log(4 / 3))
+    ratio = tf.exp(log_ratio)
+    crop_w = tf.minimum(1.0, tf.sqrt(area * ratio))
+    crop_h = tf.minimum(1.0, tf.sqrt(area / ratio))
+    top = uniform([count]) * (1.0 - crop_h)
+    left = uniform([count]) * (1.0 - crop_w)
+    boxes = tf.stack([top, left, top + crop_h, left + crop_w], axis=1)
+    images = tf.image.crop_and_resize(images, boxes, tf.range(count), (height, width))
+    flip = uniform([count]) < 0.5
+    images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    if jitter:
+
+        def factor():
+            return uniform([count, 1, 1, 1], 1 - jitter, 1 + jitter)
+
+        images = images * factor()  # brightness
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        images = mean + (images - mean) * factor()  # contrast
+        gray = tf.reduce_mean(images, axis=3, keepdims=True)
+        images = gray + (images - gray) * factor()  # saturation
+    return tf.clip_by_value(images, 0.0, 255.0)
+
+
 class _EpochTimer:
     """Adds each epoch's wall time to the logs, so CSVLogger keeps it across resumes."""
 
@@ -385,7 +639,9 @@ class _EpochTimer:
         return EpochTimer()
 
 
-def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: str) -> TrainResult:
+def _fit(
+    train_set, val_set, out: Path, config: TrainConfig, size, data_spec: str, weights=None
+) -> TrainResult:
     import keras
 
     from imagerec import data as datasets
@@ -414,38 +670,33 @@ def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: st
     )
 
     steps_per_epoch = int(np.ceil(len(train_set) / config.batch_size))
-    total_steps = steps_per_epoch * config.epochs
-    with _dtype_policy(precision):
-        model = compiled_model(config, num_classes, size, sample, mean, std, total_steps)
-
     backup = _backup_dir(out, config, train_set.fingerprint)
     history_csv = backup / "history.csv"
-    callbacks = [_EpochTimer()]
-    if config.lookahead and config.arch == "resnet-small":  # measured with its SGD recipe only
-        # Before the checkpoint callback, so that the checkpoint holds the slow weights.
-        callbacks.append(_lookahead(total_steps, start_step=int(0.3 * total_steps)))
-    callbacks += [
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
-        keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), delete_checkpoint=False),
-    ]
-    if streaming:
-        batches = _stream_batches(train_set, config, num_classes)
-    else:
-        batches = batch_dataset(train_set.x, train_set.y, config, num_classes)
     validation = None
     if val_set is not None and not isinstance(val_set, datasets.StreamingImageSet):
         validation = (val_set.x.astype(np.float32), np.eye(num_classes)[val_set.y])
     verbose = 1 if sys.stderr.isatty() else 2
-    history = model.fit(
-        batches,
-        epochs=config.epochs,
-        steps_per_epoch=None if streaming else steps_per_epoch,
-        validation_data=validation,
-        callbacks=callbacks,
-        shuffle=False,  # the batches come shuffled; Keras warns that it cannot shuffle a dataset
-        verbose=verbose,
-    )
-    resumed_at = history.epoch[0] if history.epoch else config.epochs
+    if config.arch in BACKBONES:
+        try:
+            with _dtype_policy(precision):
+                model = build_model(
+                    config.arch, num_classes, size, mean, std, weights=weights.path,
+                    dropout=config.dropout,
+                )  # fmt: skip
+        except ValueError as exc:  # Keras' loader: a file of other layers or shapes
+            raise ImagerecError(
+                f"--weights {weights.path} does not fit {config.arch} without its top: {exc}",
+                code="usage",
+            ) from None
+        fit = _fit_backbone(
+            model, train_set, validation, config, weights, backup, steps_per_epoch, verbose
+        )
+    else:
+        fit = _fit_from_scratch(
+            train_set, validation, config, size, sample, mean, std, backup, steps_per_epoch,
+            precision, verbose,
+        )  # fmt: skip
+    model, resumed_at, phases = fit
     if resumed_at:
         log.info("resumed from the checkpoint after epoch %d", resumed_at)
 
@@ -456,6 +707,14 @@ def _fit(train_set, val_set, out: Path, config: TrainConfig, size, data_spec: st
     wall_time = time.perf_counter() - started
     epochs_log = _read_history(history_csv)
     metrics = _metrics(final, val_set, class_names, config, epochs_log, wall_time, resumed_at)
+    if weights is not None:
+        metrics["backbone"] = {
+            "name": config.arch,
+            "keras_application": BACKBONES[config.arch].constructor,
+            "input_size": list(size),
+            "weights": weights.record,
+            "phases": phases,
+        }
     if val_set is None and not streaming:
         # Nothing held out (--val-split 0, the final run): describe the fit on training images,
         # under their own keys so that no one reads them as validation accuracy.
@@ -503,7 +762,13 @@ def _export_engines(path: Path, train_set, val_set, config: TrainConfig) -> dict
         pick = np.sort(np.random.default_rng(config.seed).permutation(len(train_set))[:10_000])
         source = f"{len(pick)} of the training images (nothing was held out)"
         evaluation = Evaluation(train_set.x[pick], train_set.y[pick], source, True)
-    return export_bundle(path, int8=True, calibration=calibration, evaluation=evaluation)
+    try:
+        return export_bundle(path, int8=True, calibration=calibration, evaluation=evaluation)
+    except ImagerecError as exc:
+        if exc.code != "int8_failed":
+            raise
+        log.warning("%s; the bundle gets the float32 ONNX engine only", exc.message)
+    return export_bundle(path, int8=False, evaluation=evaluation)
 
 
 def compiled_model(
@@ -528,12 +793,9 @@ def compiled_model(
     schedule = WarmupLinearDecay(
         peak_lr, config.warmup * total_steps, total_steps, start=0.2, end=0.07
     )
-    if config.arch == "mobilenetv2":
-        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-    else:
-        optimizer = nesterov_sgd(
-            _keras_schedule(schedule), peak_lr, decay, config.momentum, config.bias_lr_scale
-        )
+    optimizer = nesterov_sgd(
+        _keras_schedule(schedule), peak_lr, decay, config.momentum, config.bias_lr_scale
+    )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -543,6 +805,8 @@ def compiled_model(
 
 
 def _arch_options(config: TrainConfig) -> dict:
+    if config.arch in BACKBONES:
+        return {"dropout": config.dropout}
     return {"widths": tuple(config.widths)} if config.arch == "resnet-small" else {}
 
 
@@ -607,9 +871,13 @@ def _curves(history: dict[str, list[float]], config: TrainConfig) -> bytes:
     return training_curves_png(history, f"{config.arch}, {config.epochs} epochs")
 
 
-def predict_probabilities(model, images: np.ndarray, tta: str, batch_size: int = 500):
-    """Probabilities over uint8 images with the given TTA, in batches."""
+def predict_probabilities(model, images: np.ndarray, tta: str, batch_size: int | None = None):
+    """Probabilities over uint8 images with the given TTA, in batches (by default 500 CIFAR
+    images' worth of pixels, at least 16 images: photos at 224x224 come 16 at a time)."""
     import tensorflow as tf
+
+    if batch_size is None:
+        batch_size = max(16, 500 * 32 * 32 // (images.shape[1] * images.shape[2]))
 
     @tf.function(reduce_retracing=True)
     def forward(batch):
