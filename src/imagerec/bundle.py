@@ -185,6 +185,7 @@ def write_bundle(
         raise BundleError(f"cannot write to {out.parent}: permission denied")
     _remove_stale_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    existed = (out / MANIFEST).exists()
     try:
         tmp.mkdir()
         model.save(tmp / "model.keras")
@@ -195,10 +196,18 @@ def write_bundle(
         for name, text in files.items():
             (tmp / name).write_text(text + "\n")
         _seal_into_place(tmp, out, metrics, artifacts or {})
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _not_written(out, exc, existed) from None
         raise
     return out
+
+
+def _not_written(out: Path, exc: OSError, existed: bool) -> BundleError:
+    """A write that failed (a full disk, most often), said plainly: what is left is whole."""
+    left = "the bundle already there is unchanged" if existed else "nothing was left behind"
+    return BundleError(f"the bundle {out} could not be written: {exc.strerror or exc}; {left}")
 
 
 def add_to_bundle(path: str | os.PathLike, files: dict[str, bytes], metrics: dict) -> str:
@@ -214,8 +223,10 @@ def add_to_bundle(path: str | os.PathLike, files: dict[str, bytes], metrics: dic
     try:
         shutil.copytree(path, tmp, ignore=shutil.ignore_patterns(MANIFEST, "metrics.json"))
         _seal_into_place(tmp, path, metrics, files)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _not_written(path, exc, existed=True) from None
         raise
     return verify_bundle(path)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import itertools
 import json
@@ -16,6 +17,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -468,7 +470,7 @@ def _fit_from_scratch(
         callbacks.append(_lookahead(total_steps, start_step=int(0.3 * total_steps)))
     callbacks += [
         keras.callbacks.CSVLogger(str(backup / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), delete_checkpoint=False),
+        checkpoints(backup / "checkpoint"),
     ]
     if streaming:
         batches = _stream_batches(train_set, config, num_classes)
@@ -540,7 +542,7 @@ def _fit_backbone(
             callbacks=[
                 _EpochTimer(),
                 keras.callbacks.CSVLogger(str(backup / "history.csv"), append=True),
-                keras.callbacks.BackupAndRestore(str(checkpoint), delete_checkpoint=False),
+                checkpoints(checkpoint),
             ],
             shuffle=False,  # photo_batches shuffles
             verbose=verbose,
@@ -670,7 +672,9 @@ def _fit(
     )
 
     steps_per_epoch = int(np.ceil(len(train_set) / config.batch_size))
-    backup = _backup_dir(out, config, train_set.fingerprint)
+    backup = out.parent / f".{out.name}.backup"
+    with _checkpoint_writes(backup):
+        backup = _backup_dir(out, config, train_set.fingerprint)
     history_csv = backup / "history.csv"
     validation = None
     if val_set is not None and not isinstance(val_set, datasets.StreamingImageSet):
@@ -688,14 +692,16 @@ def _fit(
                 f"--weights {weights.path} does not fit {config.arch} without its top: {exc}",
                 code="usage",
             ) from None
-        fit = _fit_backbone(
-            model, train_set, validation, config, weights, backup, steps_per_epoch, verbose
-        )
+        with _checkpoint_writes(backup):
+            fit = _fit_backbone(
+                model, train_set, validation, config, weights, backup, steps_per_epoch, verbose
+            )
     else:
-        fit = _fit_from_scratch(
-            train_set, validation, config, size, sample, mean, std, backup, steps_per_epoch,
-            precision, verbose,
-        )  # fmt: skip
+        with _checkpoint_writes(backup):
+            fit = _fit_from_scratch(
+                train_set, validation, config, size, sample, mean, std, backup, steps_per_epoch,
+                precision, verbose,
+            )  # fmt: skip
     model, resumed_at, phases = fit
     if resumed_at:
         log.info("resumed from the checkpoint after epoch %d", resumed_at)
@@ -827,6 +833,66 @@ def _keras_schedule(schedule: WarmupLinearDecay):
             }
 
     return Schedule()
+
+
+def checkpoints(folder: Path):
+    """Keras' BackupAndRestore, with each checkpoint written whole beside the last one and
+    renamed into place: a write that fails half-way (a full disk, a kill) leaves the last whole
+    checkpoint, which the next run resumes from, rather than a torn file it cannot read.
+
+    HDF5 writes the checkpoint in memory-backed scratch space (/dev/shm where there is one);
+    Python copies it beside the bundle. On a full disk it is then Python's write that fails,
+    cleanly: an HDF5 write that fails leaves the library in a state that crashes the process
+    when it exits."""
+    import keras
+
+    scratch_root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+    class WholeBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _save_model(self):
+            final = self._weights_path, self._training_metadata_path
+            staged = [f"{path}.next" for path in final]
+            with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
+                self._weights_path = os.path.join(scratch, "latest.weights.h5")
+                self._training_metadata_path = os.path.join(scratch, "training_metadata.json")
+                try:
+                    super()._save_model()
+                    written = self._weights_path, self._training_metadata_path
+                finally:
+                    self._weights_path, self._training_metadata_path = final
+                try:
+                    for source, target in zip(written, staged, strict=True):
+                        shutil.copyfile(source, target)
+                except BaseException:
+                    for path in staged:
+                        with contextlib.suppress(OSError):
+                            os.remove(path)  # the room it took, back
+                    raise
+            # Weights first: a kill between the renames costs at most an epoch trained twice.
+            for source, target in zip(staged, final, strict=True):
+                os.replace(source, target)
+
+    return WholeBackupAndRestore(str(folder), delete_checkpoint=False)
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+@contextlib.contextmanager
+def _checkpoint_writes(backup: Path):
+    """A checkpoint (or the epoch log beside it) that cannot be written stops training with a
+    message that says where and why, and that the same command resumes once there is room."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise ImagerecError(
+            f"training stopped: its checkpoint in {backup} could not be written "
+            f"({os.strerror(exc.errno)}). Make room there and run the same command again: it "
+            "resumes from the last checkpoint that was written",
+            code="checkpoint_not_written",
+        ) from None
 
 
 def _backup_dir(out: Path, config: TrainConfig, fingerprint: str) -> Path:
