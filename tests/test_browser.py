@@ -323,3 +323,35 @@ def test_a_phone_sees_the_camera_and_no_sideways_scrolling(browser, server):
         screenshot(page, "webpage-phone.png")
     finally:
         context.close()
+
+
+def test_with_api_keys_the_page_asks_for_one_and_works_with_it(browser, card_bundle, tmp_path):
+    """A server that needs a key: the page asks for it, keeps it in the tab's session storage
+    and sends it with every request, the model card's files included."""
+    env = {"IMAGEREC_API_KEYS": "page-key-7"}
+    with running_server(card_bundle, tmp_path, env=env) as live:
+        context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=live.url)
+        page = context.new_page()
+        page.goto("/")
+        expect(page.locator("#model-status")).to_contain_text("needs an API key")
+        key = page.get_by_label("Key", exact=True)
+        expect(key).to_be_focused()
+        key.fill("wrong-key")
+        page.get_by_role("button", name="Use this key").click()
+        expect(page.locator("#key-error")).to_have_text(re.compile("not accepted"))
+        key.fill("page-key-7")
+        page.get_by_role("button", name="Use this key").click()
+        expect(page.locator("#model-status")).to_have_text("Ready: 10 kinds of things.")
+        assert page.evaluate("sessionStorage.getItem('imagerec-api-key')") == "page-key-7"
+        link = page.get_by_role("link", name="Confusion matrix")
+        expect(link).to_have_attribute("href", re.compile("^blob:"))
+        page.locator("#file-input").set_input_files(str(SAMPLES / "cat.jpg"))
+        result = result_for(page, "cat.jpg")
+        expect(result.locator(".state")).to_have_text(re.compile("^Most likely: "))
+        screenshot(page, "page-api-key.png")
+
+        page.get_by_role("button", name="Forget it").click()
+        assert page.evaluate("sessionStorage.getItem('imagerec-api-key')") is None
+        page.locator("#file-input").set_input_files(str(SAMPLES / "dog.jpg"))
+        expect(result_for(page, "dog.jpg").locator(".state")).to_contain_text("API key")
+        context.close()

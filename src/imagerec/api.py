@@ -32,6 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from imagerec.access import ApiKeys, Cors, RequireApiKey
 from imagerec.config import Settings
 from imagerec.errors import (
     ImagerecError,
@@ -42,6 +43,7 @@ from imagerec.errors import (
 )
 from imagerec.hugcompat import (
     FilePart,
+    answer_error,
     falcon,
     guard_input_formats,
     hug,
@@ -160,12 +162,20 @@ class ServingMetrics:
 
 
 class Serving:
-    """The injected parts every route reaches: the model repository, settings and metrics."""
+    """The injected parts every route reaches: the model repository, settings and metrics, and
+    the API keys (None when the API is open)."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings, metrics: ServingMetrics):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: ServingMetrics,
+        keys: ApiKeys | None = None,
+    ):
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
+        self.keys = keys
 
 
 class RequestServing:
@@ -275,11 +285,7 @@ class BodySizeLimit:
                 request.env["wsgi.input"] = request.stream = io.BytesIO(data)
                 request.env["CONTENT_LENGTH"] = str(len(data))
         except PayloadTooLarge as exc:
-            error = http_error(exc)
-            response.status = _status_line(error.status)
-            response.content_type = falcon.MEDIA_JSON
-            response.body = json.dumps(error.to_dict())
-            response.complete = True
+            answer_error(response, exc)
             return
         request.stream = LimitedReader(request.stream, self.max_bytes)
 
@@ -663,11 +669,16 @@ def create_app(
     for media_type in RAW_IMAGE_TYPES:
         api.http.set_input_format(media_type, raw_image_body)
     guard_input_formats(api)
+    if settings.cors_origins:
+        api.http.add_middleware(Cors(settings.cors_origins))  # first: preflight needs no key
+    keys = ApiKeys(settings.api_keys, settings.api_keys_file)
     api.http.add_middleware(ErrorShape(api))
     api.http.add_middleware(RequestMetrics(metrics))
+    if keys.enabled:
+        api.http.add_middleware(RequireApiKey(keys, settings.metrics_need_key))
     api.http.add_middleware(ModelHolds(metrics))
     api.http.add_middleware(BodySizeLimit(settings.max_body_bytes))
-    api.context[_SERVING] = Serving(repository, settings, metrics)
+    api.context[_SERVING] = Serving(repository, settings, metrics, keys if keys.enabled else None)
     add_error_handler(api)
     for add_routes in routes:
         add_routes(api)

@@ -47,6 +47,13 @@ class Settings:
     top_k: int = 3
     engine: str = "auto"  # auto, tensorflow, onnx or onnx-int8 (imagerec.engines)
     cache_dir: Path = field(default_factory=_default_cache)
+    # Access (imagerec.access), all off by default: keys that open the API (comma-separated),
+    # a file of them re-read when it changes, whether /metrics needs a key too, and the
+    # origins of browser apps that may call the API (comma-separated, or *).
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    metrics_need_key: bool = False
+    cors_origins: str = ""
     # Pretrained weights (imagerec.pretrained): Keras' host, or a mirror with the same paths.
     weights_url: str = "https://storage.googleapis.com/"
     download_timeout_s: float = 10.0  # connect and read: offline fails in seconds, not minutes
@@ -65,11 +72,23 @@ class Settings:
         settings.model = Path(settings.model)
         settings.models = Path(settings.models) if settings.models is not None else None
         settings.cache_dir = Path(settings.cache_dir)
+        if settings.api_keys_file is not None:
+            settings.api_keys_file = Path(settings.api_keys_file)
         return settings
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
 
 
 def _convert(name: str, raw: str, kind: str):
     converters = {
+        "bool": _boolean,
         "int": int,
         "float": float,
         "str": str,

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -69,6 +71,9 @@ class GrpcServing:
         code = grpc.StatusCode.OK
         metrics.grpc_in_flight.inc()
         try:
+            if self.serving.keys is not None:  # as HTTP's: "authorization: Bearer KEY"
+                metadata = dict(context.invocation_metadata() or ())
+                self.serving.keys.check(metadata.get("authorization"))
             try:
                 request = request_type.FromString(data)
             except DecodeError as exc:

@@ -25,6 +25,7 @@ What the fork still leaves to us, and this module does:
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import types
 import warnings
@@ -100,6 +101,16 @@ def _import_hug() -> types.ModuleType:
 
 hug = _import_hug()
 falcon = sys.modules["falcon"]  # hug imports falcon
+
+
+def answer_error(response, error) -> None:
+    """Answer with `error` (an ImagerecError) from a falcon middleware, in imagerec's error
+    shape (the protocols' middleware reshapes it under their prefixes), and end the request
+    there: an exception raised in middleware would reach no error handler and be a 500."""
+    response.status = falcon.get_http_status(error.status)
+    response.content_type = falcon.MEDIA_JSON
+    response.body = json.dumps(error.to_dict())
+    response.complete = True
 
 
 def guard_input_formats(api: hug.API) -> None:

@@ -37,6 +37,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 
+from imagerec.access import ApiKeys
 from imagerec.api import ServingMetrics, create_app, serving_parts
 from imagerec.bundle import Bundle
 from imagerec.config import Settings
@@ -178,6 +179,7 @@ def check_models(settings: Settings) -> None:
     """Before the port opens: a missing or tampered bundle, an engine it lacks, a repository
     folder that is not there, or a bad policy fails at once."""
     VersionPolicy.parse(settings.version_policy)
+    ApiKeys(settings.api_keys, settings.api_keys_file)  # a keys file that cannot be read
     if settings.model_control and settings.model_control not in MODES:
         raise ImagerecError(
             f"model control must be one of {', '.join(MODES)}, not {settings.model_control!r}",

@@ -17,10 +17,27 @@ const fileInput = $("file-input");
 const cameraInput = $("camera-input");
 const queue = [];
 const objectUrls = [];
+const cardUrls = []; // the model card's files, fetched with the key when there is one
 let inFlight = 0;
 let pasted = 0;
 let models = []; // GET /v1/models: every served model, newest version of each
 let chosen = null; // the model the next images go to
+
+// An API key, when the server asks for one (401), lives in this tab's session storage only.
+const KEY_STORAGE = "imagerec-api-key";
+
+function requestHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { Accept: "application/json", Authorization: `Bearer ${key}` } : { Accept: "application/json" };
+}
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  const error = $("key-error");
+  error.textContent = message;
+  error.hidden = !message;
+  $("api-key").focus();
+}
 
 function formatBytes(size) {
   if (size >= 1e6) return `${(size / 1e6).toFixed(1)} MB`;
@@ -38,6 +55,10 @@ function describeError(status, body, name, file) {
   const quoted = `“${name}”`;
   if (status === 0) {
     return "Cannot reach the server. Check that it is running and that you are online, then try again.";
+  }
+  if (status === 401) {
+    askForKey(error.message ? `${error.message}.` : "");
+    return `The server needs a valid API key to read ${quoted}. Enter it above, then try again.`;
   }
   if (status === 503) return "The model is still loading. Try again in a few seconds.";
   if (status === 415 || error.code === "unsupported_media_type") {
@@ -122,7 +143,7 @@ async function recognise({ item, file, name }) {
     response = await fetch(`/v1/predict${query}`, {
       method: "POST",
       body: form,
-      headers: { Accept: "application/json" },
+      headers: requestHeaders(),
     });
     body = await response.json().catch(() => null);
   } catch {
@@ -187,13 +208,20 @@ async function loadModel() {
   let response;
   let body = null;
   try {
-    response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
+    response = await fetch("/v1/models", { headers: requestHeaders() });
     body = await response.json().catch(() => null);
   } catch {
     status.textContent = "Cannot reach the server. This page will try again.";
     setTimeout(loadModel, MODEL_RETRY_MS * 2);
     return;
   }
+  if (response.status === 401) {
+    status.textContent = "This server needs an API key before it describes its model.";
+    const known = sessionStorage.getItem(KEY_STORAGE);
+    askForKey(known ? "That key was not accepted. Check it and try again." : "");
+    return;
+  }
+  $("key-error").hidden = true;
   if (response.status === 503) {
     status.textContent = "The model is still loading. This page updates when it is ready.";
     setTimeout(loadModel, MODEL_RETRY_MS);
@@ -251,24 +279,27 @@ async function loadCard(model) {
   $("model-card").hidden = true;
   try {
     const query = new URLSearchParams({ model: model.name, version: model.version });
-    const response = await fetch(`/v1/model/card?${query}`, {
-      headers: { Accept: "application/json" },
-    });
+    const response = await fetch(`/v1/model/card?${query}`, { headers: requestHeaders() });
     if (!response.ok || chosen !== model) return;
     // People want the pictures and the metrics; labels and preprocessing are in the header.
     const files = (await response.json()).files.filter(
       (file) => file.content_type.startsWith("image/") || file.name === "metrics.json",
     );
     const links = $("model-card-links");
+    const keyed = Boolean(sessionStorage.getItem(KEY_STORAGE));
+    cardUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
     links.replaceChildren(
-      ...files.map(({ title, url }) => {
-        const item = document.createElement("li");
-        const link = document.createElement("a");
-        link.href = url;
-        link.textContent = title;
-        item.append(link);
-        return item;
-      }),
+      ...(await Promise.all(
+        files.map(async ({ title, url }) => {
+          const item = document.createElement("li");
+          const link = document.createElement("a");
+          // A link the browser follows carries no key: with one, the file comes through fetch.
+          link.href = keyed ? await keyedObjectUrl(url) : url;
+          link.textContent = title;
+          item.append(link);
+          return item;
+        }),
+      )),
     );
     $("model-card").hidden = files.length === 0;
   } catch {
@@ -276,6 +307,25 @@ async function loadCard(model) {
   }
 }
 
+async function keyedObjectUrl(url) {
+  const response = await fetch(url, { headers: requestHeaders() });
+  const objectUrl = URL.createObjectURL(await response.blob());
+  cardUrls.push(objectUrl);
+  return objectUrl;
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return askForKey("Enter the key first.");
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("api-key").value = "";
+  loadModel();
+});
+$("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
+  askForKey("The key is forgotten: this tab no longer sends it.");
+});
 $("model-picker").addEventListener("change", (event) => showModel(event.target.value));
 $("drop").addEventListener("click", () => fileInput.click());
 $("camera-button").addEventListener("click", () => cameraInput.click());
