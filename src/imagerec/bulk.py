@@ -256,6 +256,13 @@ def ranked_rows(
     return rows
 
 
+def checked_top_k(top_k: int, labels: list[str]) -> int:
+    """`top_k`, or InvalidInput when it is not between 1 and the number of labels."""
+    if not 1 <= top_k <= len(labels):
+        raise InvalidInput(f"--top-k must be between 1 and {len(labels)}", code="usage")
+    return top_k
+
+
 def decode_batch(
     paths: list[str], size: tuple[int, int], max_pixels: int
 ) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
@@ -470,7 +477,7 @@ def classify(
     engine: str = "local",
     model_engine: str = "auto",
     top_k: int = 3,
-    batch_size: int = 256,
+    batch_size: int = 64,
     decode_threads: int = 0,
     commit_rows: int = 8192,
     max_pixels: int | None = None,
@@ -542,7 +549,7 @@ def classify_local(
     out: Path,
     *,
     top_k: int = 3,
-    batch_size: int = 256,
+    batch_size: int = 64,
     decode_threads: int = 0,
     inference_threads: int = 2,
     commit_rows: int = 8192,
@@ -561,11 +568,11 @@ def classify_local(
 
     check_sources(sources)
     start = time.monotonic()
+    k = checked_top_k(top_k, predictor.labels)
     model = {"name": predictor.name, "version": predictor.version, "engine": predictor.engine}
     sink = open_sink(out, model)
     already, done = sink.done()
     result = BulkResult(out, skipped=already, model=predictor.name, engine=predictor.engine)
-    k = max(1, min(top_k, len(predictor.labels)))
     size = predictor.input_size
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

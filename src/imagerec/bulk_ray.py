@@ -25,6 +25,7 @@ from imagerec.bulk import (
     BulkResult,
     ParquetFolder,
     batched,
+    checked_top_k,
     decode_batch,
     iter_sources,
     output_format,
@@ -91,7 +92,7 @@ class RayClassifier:
         self.predictor = Predictor.from_path(
             bundle, max_batch=batch_size, engine=engine, threads=threads
         )
-        self.k = max(1, min(top_k, len(self.predictor.labels)))
+        self.k = top_k
 
     def __call__(self, batch: dict):
         codes = [str(c) for c in batch["error_code"]]
@@ -113,7 +114,7 @@ def classify_on_ray(
     *,
     model_engine: str = "auto",
     top_k: int = 3,
-    batch_size: int = 256,
+    batch_size: int = 64,
     actors: int = 0,
     actor_cpus: float = 0.75,
     decode_cpus: float = 0.25,
@@ -139,6 +140,7 @@ def classify_on_ray(
     start = time.monotonic()
     loaded = Bundle.load(bundle, keras_model=False)
     engine = choose_engine(loaded, model_engine)
+    checked_top_k(top_k, loaded.labels)
     model = {"name": loaded.name, "version": loaded.version, "engine": engine}
     sink = ParquetFolder(out, model)
     already, done = sink.done()

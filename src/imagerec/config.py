@@ -46,7 +46,7 @@ class Settings:
     engine: str = "auto"  # auto, tensorflow, onnx or onnx-int8 (imagerec.engines)
     # imagerec classify (imagerec.bulk): images a forward pass, decode threads (0: one a core),
     # images a commit holds (what a killed run can lose), Ray actors (0: one a cluster CPU).
-    classify_batch: int = 256
+    classify_batch: int = 64
     decode_threads: int = 0
     commit_rows: int = 8192
     ray_actors: int = 0
