@@ -141,15 +141,20 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
         assert main(["classify", str(BUNDLED), *args]) == 1
         return capsys.readouterr().err
 
+    csv_out = str(tmp_path / "r.csv")
     assert "must end in .parquet, .csv, .jsonl" in refused(str(archive), "--out", "r.xlsx")
-    assert "no such folder, file or glob" in refused(str(tmp_path / "nope"), "--out", "r.csv")
+    assert "no such folder, file or glob" in refused(str(tmp_path / "nope"), "--out", csv_out)
+    assert "--top-k must be between 1 and 10" in refused(str(archive), "--out", csv_out, "-k", "11")
+    assert "the ray engine writes Parquet" in refused(
+        str(archive), "--out", csv_out, "--engine", "ray"
+    )
     (tmp_path / "taken.parquet").write_text("someone else's file")
     assert "is a file" in refused(str(archive), "--out", str(tmp_path / "taken.parquet"))
     other = tmp_path / "other.parquet"
     other.mkdir()
     (other / "_imagerec.json").write_text(json.dumps({"name": "x", "version": "0123456789ab"}))
     assert "not cifar10 version" in refused(str(archive), "--out", str(other))
-    assert not list(tmp_path.glob("r.*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("r.", ".r."))]
 
 
 def test_a_finished_run_run_again_adds_only_new_images(archive, tmp_path):

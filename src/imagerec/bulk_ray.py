@@ -67,8 +67,12 @@ def start_ray(ray) -> bool:
 
 def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -> dict:
     """A map_batches task: {"path"} -> paths, pixels at the input size, and errors."""
+    import cv2
+
     from imagerec.images import DEFAULT_MAX_PIXELS
 
+    # Ray runs a task a CPU it grants; OpenCV's own threads on top of that only compete.
+    cv2.setNumThreads(1)
     paths = [str(p) for p in batch["path"]]
     pixels, ok, errors = decode_batch(paths, size, max_pixels or DEFAULT_MAX_PIXELS)
     full = np.zeros((len(paths), size[0], size[1], 3), np.uint8)
