@@ -379,17 +379,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imagerec-bulk")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument(
+        "--sets", default="cifar,photos", help="which image sets to measure (cifar, photos)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bulk.md")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     args.work.mkdir(parents=True, exist_ok=True)
     kinds = ["local"] if args.no_ray else ["local", "ray"]
-    photos = make_photos(args.data, args.work / "photos", args.photos)
+    chosen = args.sets.split(",")
+    photos = (
+        make_photos(args.data, args.work / "photos", args.photos) if "photos" in chosen else None
+    )
     sets = []
     for title, name, folder in [
         ("CIFAR-sized JPEGs (32x32)", "cifar", args.data),
         ("Photo-sized JPEGs (1024x768)", "photos", photos),
     ]:
+        if name not in chosen:
+            continue
         data = run_set(name, folder, args.model, args.rounds, kinds, args.work)
         data["title"] = title
         sets.append(data)

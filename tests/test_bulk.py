@@ -150,6 +150,13 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     )
     (tmp_path / "taken.parquet").write_text("someone else's file")
     assert "is a file" in refused(str(archive), "--out", str(tmp_path / "taken.parquet"))
+    for name, text in [("notes.jsonl", '{"note": 1}\n'), ("sheet.csv", "a,b\n1,2\n")]:
+        (tmp_path / name).write_text(text)
+        assert "is not a table that imagerec classify wrote" in refused(
+            str(archive), "--out", str(tmp_path / name)
+        )
+        assert (tmp_path / name).read_text() == text  # left as it was
+        assert not (tmp_path / f".{name}.progress").exists()
     other = tmp_path / "other.parquet"
     other.mkdir()
     (other / "_imagerec.json").write_text(json.dumps({"name": "x", "version": "0123456789ab"}))

@@ -409,11 +409,11 @@ class AppendedFile:
             raise InvalidInput(f"{out} is a folder; --out names the file to write", code="usage")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.progress = out.with_name(f".{out.name}.progress")
-        if self.progress.is_file():
+        self.recorded = self.progress.is_file()
+        if self.recorded:
             self.committed = json.loads(self.progress.read_text())["bytes"]
         else:  # none, or a finished run: everything in the file is committed
             self.committed = out.stat().st_size if out.exists() else 0
-            self._record()  # before the first byte is appended, so that byte can be taken back
 
     def _record(self) -> None:
         _write_durably(self.progress, json.dumps({"bytes": self.committed}).encode())
@@ -422,6 +422,9 @@ class AppendedFile:
         paths = list(self._committed_paths())
         done = path_hashes(paths)
         done.sort()
+        if not self.recorded:  # before the first byte is appended, so it can be taken back
+            self._record()
+            self.recorded = True
         return len(paths), done
 
     def _committed_paths(self) -> Iterator[str]:
@@ -431,7 +434,12 @@ class AppendedFile:
             text = io.TextIOWrapper(io.BytesIO(handle.read(self.committed)), "utf-8", newline="")
         if self.fmt == ".jsonl":
             for line in text:
-                yield json.loads(line)["path"]
+                try:
+                    yield json.loads(line)["path"]
+                except (ValueError, KeyError, TypeError):
+                    raise InvalidInput(
+                        f"{self.out} is not a table that imagerec classify wrote"
+                    ) from None
             return
         reader = csv.DictReader(text)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
