@@ -166,6 +166,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_argument(predict)
     predict.set_defaults(handler=cmd_predict)
 
+    classify = commands.add_parser(
+        "classify",
+        help="label every image of folders, globs or path lists into a table (resumable)",
+    )
+    classify.add_argument("bundle", type=Path, metavar="BUNDLE")
+    classify.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a folder (walked recursively), a glob pattern, an image, or a text file listing "
+        "image paths one a line",
+    )
+    classify.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="results.parquet (a folder of parts), results.csv or results.jsonl; run again to "
+        "resume",
+    )
+    classify.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: stream in this process (default); ray: Ray Data, on RAY_ADDRESS's cluster "
+        "or a local one",
+    )
+    classify.add_argument("-k", "--top-k", type=int, default=None)
+    classify.add_argument("--batch-size", type=int, default=None, metavar="N")
+    classify.add_argument("--decode-threads", type=int, default=None, metavar="N")
+    classify.add_argument(
+        "--commit-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images a commit holds (default 8192, or 10 s of work)",
+    )
+    classify.add_argument("--ray-actors", type=int, default=None, metavar="N")
+    classify.add_argument(
+        "--model-engine",
+        choices=["auto", "tensorflow", "onnx", "onnx-int8"],
+        default=None,
+        help="the engine that runs the model (default IMAGEREC_ENGINE, else auto)",
+    )
+    classify.set_defaults(handler=cmd_classify)
+
     serve = commands.add_parser("serve", help="serve a bundle, or a repository of them, over HTTP")
     source = serve.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, default=None, help="one bundle folder")
@@ -379,6 +424,44 @@ def cmd_predict(args) -> int:
             ranked = ", ".join(f"{t['label']} {t['score']:.3f}" for t in item["top_k"])
             print(f"{item['filename']}: {ranked}")
     return 1 if failures else 0
+
+
+def cmd_classify(args) -> int:
+    from imagerec.bulk import classify
+
+    settings = Settings.from_env(
+        engine=args.model_engine,
+        top_k=args.top_k,
+        classify_batch=args.batch_size,
+        decode_threads=args.decode_threads,
+        commit_rows=args.commit_every,
+        ray_actors=args.ray_actors,
+    )
+    result = classify(
+        args.bundle,
+        args.sources,
+        args.out,
+        engine=args.engine,
+        model_engine=settings.engine,
+        top_k=settings.top_k,
+        batch_size=settings.classify_batch,
+        decode_threads=settings.decode_threads,
+        commit_rows=settings.commit_rows,
+        max_pixels=settings.max_pixels,
+        ray_actors=settings.ray_actors,
+    )
+    errors = ", ".join(f"{n} {code}" for code, n in sorted(result.error_codes.items()))
+    print(
+        f"wrote {result.written:,} rows to {result.out} in {result.seconds:.1f} s "
+        f"({result.images_per_s:,.0f} images/s; model {result.model}, engine {result.engine})"
+    )
+    if result.skipped:
+        print(f"{result.skipped:,} images were already there and were skipped")
+    if result.errors:
+        print(
+            f"{result.errors:,} files could not be read or decoded ({errors}): see the error column"
+        )
+    return 0
 
 
 def cmd_serve(args) -> int:

@@ -68,7 +68,12 @@ class Predictor:
     """Batched inference over a verified bundle; safe to call from several threads at once."""
 
     def __init__(
-        self, bundle: Bundle, max_batch: int = 64, engine: str = "tensorflow", workers: int = 1
+        self,
+        bundle: Bundle,
+        max_batch: int = 64,
+        engine: str = "tensorflow",
+        workers: int = 1,
+        threads: int | None = None,
     ):
         self.bundle = bundle
         self.labels = list(bundle.labels)
@@ -76,7 +81,7 @@ class Predictor:
         self.tta = bundle.preprocess.tta
         self.max_batch = max_batch
         self.engine = choose_engine(bundle, engine)
-        self._forward = open_engine(bundle, self.engine, workers)
+        self._forward = open_engine(bundle, self.engine, workers, threads)
 
     @property
     def compute_threads(self) -> frozenset[int]:
@@ -85,11 +90,16 @@ class Predictor:
 
     @classmethod
     def from_path(
-        cls, path, max_batch: int = 64, engine: str = "tensorflow", workers: int = 1
+        cls,
+        path,
+        max_batch: int = 64,
+        engine: str = "tensorflow",
+        workers: int = 1,
+        threads: int | None = None,
     ) -> Predictor:
         """A verified bundle through `engine` (or `auto`); TensorFlow is imported only if the
         engine is TensorFlow's."""
-        return cls(Bundle.load(path, keras_model=False), max_batch, engine, workers)
+        return cls(Bundle.load(path, keras_model=False), max_batch, engine, workers, threads)
 
     @property
     def name(self) -> str:

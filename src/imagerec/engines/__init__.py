@@ -66,8 +66,9 @@ def choose_engine(bundle: Bundle, requested: str = "auto") -> str:
     return "tensorflow"
 
 
-def open_engine(bundle: Bundle, name: str, workers: int = 1) -> Engine:
-    """The engine `name` (as choose_engine gives it) over `bundle`, for `workers` callers."""
+def open_engine(bundle: Bundle, name: str, workers: int = 1, threads: int | None = None) -> Engine:
+    """The engine `name` (as choose_engine gives it) over `bundle`, for `workers` callers;
+    `threads` (ONNX Runtime only) sets each caller's compute threads instead of a share."""
     flip = bundle.preprocess.tta == "flip"
     if name == "tensorflow":
         from imagerec.engines.tensorflow import TensorFlowEngine
@@ -75,7 +76,7 @@ def open_engine(bundle: Bundle, name: str, workers: int = 1) -> Engine:
         return TensorFlowEngine(bundle, flip, workers)
     from imagerec.engines.onnx import OnnxEngine
 
-    return OnnxEngine(bundle.path / ENGINE_FILES[name], flip, workers)
+    return OnnxEngine(bundle.path / ENGINE_FILES[name], flip, workers, threads)
 
 
 def native_thread_ids() -> frozenset[int]:

@@ -17,13 +17,14 @@ from imagerec.errors import BundleError
 
 
 class OnnxEngine:
-    def __init__(self, path: Path, flip: bool, workers: int = 1):
+    def __init__(self, path: Path, flip: bool, workers: int = 1, threads: int | None = None):
         import onnxruntime as ort
 
         self.name = "onnx-int8" if path.name.endswith("-int8.onnx") else "onnx"
         self.flip = flip
         options = ort.SessionOptions()
-        options.intra_op_num_threads = cores_each(workers)
+        # `threads` overrides the share: a Ray actor is granted fewer cores than the machine has.
+        options.intra_op_num_threads = threads or cores_each(workers)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -1,0 +1,410 @@
+"""Bulk classification benchmark: `imagerec classify` on the local engine and on Ray Data,
+against the in-process limit of the same predictor, for CIFAR-sized and photo-sized JPEGs.
+
+    python benchmarks/bulk.py --data /tmp/cifar10/train [--photos 2000] [--rounds 3]
+
+`--data` is a folder of CIFAR-10 JPEGs (the 50,000 shared training images, extracted outside
+the repository). The photo-sized set (`--photos` JPEGs of 1024x768, made from CIFAR images
+scaled up with grain added, so that they compress and decode like photographs) is written
+under `--work` once and reused. Every measurement runs in a fresh process, the kinds in turn
+within a round (limit, local, ray), so that a change in the machine's load falls on all of
+them; the table gives medians over the rounds and each round's ratios. Peak memory is the
+proportional set size (PSS) of the measured process and all its descendants (Ray's GCS,
+raylet and workers included), sampled every 0.2 s. Writes benchmarks/results/bulk.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from machine import cpu_description
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 64  # imagerec classify's default
+
+
+# Children: each measurement in its own process ------------------------------------------------
+
+
+def child_limit(paths_file: str, model: str, batch: int) -> dict:
+    """The predictor alone on pre-decoded arrays held in memory, batched: the upper limit.
+
+    Both ways of running it on this machine's cores are measured, the better one is the limit:
+    one ONNX Runtime session on every core, or one session a thread on its share of them,
+    called from that many threads (the local engine's way). The single-core decode cost of an
+    image is measured too, for the decode-inclusive limit."""
+    from imagerec.images import load_image
+    from imagerec.predictor import Predictor
+
+    paths = Path(paths_file).read_text().splitlines()
+    loaded = Predictor.from_path(model, max_batch=batch, engine="auto")
+    size = loaded.input_size
+    start = time.process_time()
+    pixels = np.stack([load_image(p, size) for p in paths])
+    decode_s = (time.process_time() - start) / len(paths)  # CPU seconds an image, one thread
+    batches = [pixels[i : i + batch] for i in range(0, len(pixels), batch)]
+    rates, windows = {}, {}
+    for workers in (1, 2):
+        predictor = Predictor.from_path(model, max_batch=batch, engine="auto", workers=workers)
+        predictor.predict_arrays(batches[0])
+        start, started = time.perf_counter(), time.time()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(predictor.predict_arrays, batches))
+        rates[workers] = len(pixels) / (time.perf_counter() - start)
+        windows[workers] = [started, time.time()]
+    best = max(rates, key=rates.get)
+    return {
+        "images": len(paths),
+        "rate": rates[best],
+        "window": windows[best],
+        "rate_one_session": rates[1],
+        "rate_two_sessions": rates[2],
+        "decode_cpu_s": decode_s,
+        "engine": loaded.engine,
+    }
+
+
+def child_classify(folder: str, model: str, out: str, engine: str, batch: int) -> dict:
+    """`imagerec classify` through its library call, as the command runs it."""
+    from imagerec.bulk import classify
+
+    ray_start_s = None
+    if engine == "ray":  # started apart: a cluster that is already up is the common case
+        import ray
+
+        start = time.perf_counter()
+        ray.init(include_dashboard=False, logging_level="WARNING")
+        ray_start_s = time.perf_counter() - start
+    started = time.time()
+    result = classify(model, [folder], out, engine=engine, batch_size=batch, progress=False)
+    return {
+        "images": result.written,
+        "errors": result.errors,
+        "rate": result.images_per_s,
+        "seconds": result.seconds,
+        "ray_start_s": ray_start_s,
+        "window": [started, time.time()],
+    }
+
+
+# The parent: data, rounds, the table ----------------------------------------------------------
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> dict[int, float]:
+    """{pid: CPU seconds so far} for `root` and every descendant (Linux /proc)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])
+                cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / TICKS
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    return {pid: cpu[pid] for pid in tree if pid in cpu}
+
+
+def tree_pss_kb(pids) -> int:
+    """PSS of the processes `pids`, in kB (0 for those that cannot be read)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used since boot (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICKS  # less idle and iowait
+
+
+def wait_for_quiet(limit_cores: float = 0.3, longest_s: float = 20) -> float:
+    """Wait (up to `longest_s`) until other work uses under `limit_cores` over 3 s; the last
+    level seen, in cores."""
+    deadline = time.monotonic() + longest_s
+    while True:
+        before = machine_busy_s()
+        time.sleep(3)
+        busy = (machine_busy_s() - before) / 3
+        if busy < limit_cores or time.monotonic() > deadline:
+            return busy
+
+
+def measure(args: list[str], timeout: float = 1800) -> dict:
+    """Run this script as a child with `args`; its JSON answer, plus the tree's peak PSS."""
+    command = [sys.executable, __file__, "--child", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    peak, done = 0, threading.Event()
+    samples: list[tuple[float, float, float]] = []  # (time, tree CPU s, machine busy s)
+    seen: dict[int, float] = {}
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.2):
+            tree = process_tree(process.pid)
+            seen.update(tree)  # a process's last reading stands once it has exited
+            samples.append((time.time(), sum(seen.values()), machine_busy_s()))
+            peak = max(peak, tree_pss_kb(tree))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = process.communicate(timeout=timeout)
+    done.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{err.decode()[-3000:]}")
+    answer = json.loads(out.decode().strip().splitlines()[-1])
+    answer["peak_mb"] = peak / 1024
+    if "window" in answer and samples:
+        start, stop = answer["window"]
+        first = min(samples, key=lambda s: abs(s[0] - start))
+        last = min(samples, key=lambda s: abs(s[0] - stop))
+        ours = last[1] - first[1]
+        answer["cpu_ms"] = ours / answer["images"] * 1e3 if answer["images"] else 0.0
+        # What other users' processes took meanwhile, in cores: the machine's busy time less ours.
+        answer["others_cores"] = max(0.0, (last[2] - first[2] - ours) / max(last[0] - first[0], 1))
+    return answer
+
+
+def make_photos(cifar: Path, out: Path, count: int, size=(768, 1024)) -> Path:
+    """`count` JPEGs of size (height, width): CIFAR images scaled up, with grain, quality 90."""
+    import cv2
+
+    marker = out / f".complete-{count}"
+    if marker.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    every = sorted(cifar.glob("*/*.jpg"))
+    sources = every[:: max(1, len(every) // count)][:count]
+    rng = np.random.default_rng(0)
+    for i, source in enumerate(sources):
+        image = cv2.resize(cv2.imread(str(source)), size[::-1], interpolation=cv2.INTER_CUBIC)
+        grain = rng.normal(0, 6, image.shape)
+        photo = np.clip(image.astype(np.float32) + grain, 0, 255).astype(np.uint8)
+        folder = out / source.parent.name
+        folder.mkdir(exist_ok=True)
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), photo, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    marker.touch()
+    return out
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_set(name: str, folder: Path, model: str, rounds: int, kinds: list[str], work: Path):
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    paths_file = work / f"{name}-paths.txt"
+    paths_file.write_text("\n".join(paths) + "\n")
+    results: dict[str, list[dict]] = {kind: [] for kind in ["limit", *kinds]}
+    loads = []
+    for r in range(rounds):
+        loads.append(load_average())
+        print(f"{name} round {r + 1}: load {loads[-1]}", file=sys.stderr, flush=True)
+        wait_for_quiet()
+        results["limit"].append(measure(["limit", str(paths_file), model, str(BATCH)]))
+        print(f"  limit {results['limit'][-1]}", file=sys.stderr, flush=True)
+        for kind in kinds:
+            wait_for_quiet()
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                out = Path(tmp) / "results.parquet"
+                answer = measure(["classify", str(folder), model, str(out), kind, str(BATCH)])
+                answer["labels"] = labels_of(out)
+            results[kind].append(answer)
+            print(f"  {kind} {answer | {'labels': '...'}}", file=sys.stderr, flush=True)
+    return {"name": name, "images": len(paths), "results": results, "loads": loads}
+
+
+def labels_of(out: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out, columns=["path", "label"])
+    return dict(
+        zip(table.column("path").to_pylist(), table.column("label").to_pylist(), strict=True)
+    )
+
+
+def report(sets: list[dict], command: str, started: str) -> str:
+    import onnxruntime
+    import pyarrow
+
+    versions = [
+        f"ONNX Runtime {onnxruntime.__version__}",
+        f"NumPy {np.__version__}",
+        f"OpenCV {__import__('cv2').__version__}",
+        f"pyarrow {pyarrow.__version__}",
+    ]
+    try:
+        import ray
+
+        versions.append(f"Ray {ray.__version__}")
+    except ImportError:
+        pass
+    lines = [
+        "# Bulk classification benchmark",
+        "",
+        f"Command: `{command}`",
+        f"Run at {started} UTC; every figure below is from this run.",
+        "",
+        f"- CPU: {cpu_description()}",
+        f"- {platform.platform()}, Python {platform.python_version()}",
+        f"- {', '.join(versions)}",
+        "",
+    ]
+    for data in sets:
+        lines += table_for(data)
+    return "\n".join(lines) + "\n"
+
+
+def table_for(data: dict) -> list[str]:
+    results = data["results"]
+    limit = statistics.median(r["rate"] for r in results["limit"])
+    decode_s = statistics.median(r["decode_cpu_s"] for r in results["limit"])
+    cores = len(os.sched_getaffinity(0))
+    # Every core decoding or classifying without a moment lost: the most the machine can do.
+    with_decode = 1.0 / (decode_s / cores + 1.0 / limit)
+    lines = [
+        f"## {data['title']}",
+        "",
+        f"{data['images']:,} JPEGs; load average (1, 5, 15 min) before each round: "
+        f"{'; '.join(data['loads'])}.",
+        "",
+        f"- In-process limit (pre-decoded): the predictor alone on images decoded beforehand "
+        f"and held in memory, batches of {BATCH}: **{limit:,.0f} images/s** (median; one "
+        f"ONNX Runtime session on both cores "
+        f"{statistics.median(r['rate_one_session'] for r in results['limit']):,.0f}, two "
+        f"one-thread sessions from two threads "
+        f"{statistics.median(r['rate_two_sessions'] for r in results['limit']):,.0f}; the "
+        "better is the limit).",
+        f"- Decode cost: {decode_s * 1e3:.3f} ms of CPU an image on one thread "
+        f"(images.load_image, read, decode and resize to the input size).",
+        f"- In-process limit with decoding: every core busy decoding or classifying, nothing "
+        f"lost between them, 1 / (decode / {cores} cores + 1 / limit): "
+        f"**{with_decode:,.0f} images/s**.",
+        "",
+        "| run | images/s (median) | of limit | of limit with decoding | per round | "
+        "CPU ms an image (all processes) | limit's CPU over this | others' load, cores | "
+        "peak memory (PSS, all processes) | labels as local |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    local_labels = results["local"][0]["labels"] if "local" in results else None
+    lim_peak = statistics.median(r["peak_mb"] for r in results["limit"])
+    lim_rounds = ", ".join(f"{r['rate']:,.0f}" for r in results["limit"])
+    lim_cpu = statistics.median(r["cpu_ms"] for r in results["limit"])
+    lines.append(
+        f"| in-process limit (pre-decoded) | {limit:,.0f} | 100% | | {lim_rounds} | "
+        f"{lim_cpu:.3f} | 100% | {others(results['limit'])} | "
+        f"{lim_peak:,.0f} MB (all images in memory) | |"
+    )
+    for kind in [k for k in results if k != "limit"]:
+        runs = results[kind]
+        rate = statistics.median(r["rate"] for r in runs)
+        per_round = ", ".join(
+            f"{r['rate']:,.0f} ({r['rate'] / lr['rate']:.0%})"
+            for r, lr in zip(runs, results["limit"], strict=True)
+        )
+        peak = statistics.median(r["peak_mb"] for r in runs)
+        same = ""
+        if local_labels is not None:
+            labels = runs[0]["labels"]
+            agree = sum(labels.get(p) == label for p, label in local_labels.items())
+            same = f"{agree:,} / {len(local_labels):,}"
+        name = {"local": "local engine", "ray": "ray engine (cluster up)"}[kind]
+        cpu = statistics.median(r["cpu_ms"] for r in runs)
+        lines.append(
+            f"| {name} | {rate:,.0f} | {rate / limit:.0%} | {rate / with_decode:.0%} | "
+            f"{per_round} | {cpu:.3f} | {lim_cpu / cpu:.0%} | {others(runs)} | "
+            f"{peak:,.0f} MB | {same} |"
+        )
+        if kind == "ray":
+            start = statistics.median(r["ray_start_s"] for r in runs)
+            whole = statistics.median(r["images"] / (r["seconds"] + r["ray_start_s"]) for r in runs)
+            lines.append(
+                f"| ray engine, starting its local cluster ({start:.1f} s) | {whole:,.0f} | "
+                f"{whole / limit:.0%} | {whole / with_decode:.0%} | | | | | | |"
+            )
+    lines += ["", "Per round: images/s and, in brackets, the ratio to that round's limit.", ""]
+    return lines
+
+
+def others(runs: list[dict]) -> str:
+    """Other users' CPU use during each round's run, in cores."""
+    return ", ".join(f"{r['others_cores']:.2f}" for r in runs if "others_cores" in r)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, *rest = sys.argv[2:]
+        if kind == "limit":
+            answer = child_limit(rest[0], rest[1], int(rest[2]))
+        else:
+            answer = child_classify(*rest[:4], int(rest[4]))
+        answer["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(answer))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="a folder of CIFAR-10 JPEGs")
+    parser.add_argument("--model", default=str(ROOT / "models" / "cifar10"))
+    parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imagerec-bulk")
+    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument(
+        "--sets", default="cifar,photos", help="which image sets to measure (cifar, photos)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bulk.md")
+    args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    args.work.mkdir(parents=True, exist_ok=True)
+    kinds = ["local"] if args.no_ray else ["local", "ray"]
+    chosen = args.sets.split(",")
+    photos = (
+        make_photos(args.data, args.work / "photos", args.photos) if "photos" in chosen else None
+    )
+    sets = []
+    for title, name, folder in [
+        ("CIFAR-sized JPEGs (32x32)", "cifar", args.data),
+        ("Photo-sized JPEGs (1024x768)", "photos", photos),
+    ]:
+        if name not in chosen:
+            continue
+        data = run_set(name, folder, args.model, args.rounds, kinds, args.work)
+        data["title"] = title
+        sets.append(data)
+    command = "python benchmarks/bulk.py " + " ".join(sys.argv[1:])
+    args.out.write_text(report(sets, command, started))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

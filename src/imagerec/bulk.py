@@ -1,0 +1,680 @@
+"""Label whole archives into a table: `imagerec classify BUNDLE SOURCE... --out results.parquet`.
+
+Two engines run the same decode (images.load_image) and the same Predictor:
+
+- `local` streams in this process: sources are enumerated lazily, a thread pool decodes batches
+  ahead of the model through a bounded window, two inference threads keep the cores busy, and
+  rows are committed every `commit_rows` images (or `commit_s` seconds). Memory stays bounded
+  whatever the count: the window of batches, one uncommitted chunk of rows, and 8 bytes per
+  image already done (a hash of its path, for resuming).
+- `ray` (imagerec.bulk_ray) runs it on Ray Data: decode in `map_batches` tasks, classify in an
+  actor pool that loads the bundle once per actor, write Parquet.
+
+Outputs commit atomically, so a run killed at any instant is resumed by the same command:
+what is committed is skipped, what is not is done again, and no row is written twice.
+
+- `.parquet`: a folder of `part-NNNNNN.parquet` files, each written under a hidden temporary
+  name, synced and renamed into place; pyarrow, pandas, Polars, DuckDB and Spark read the folder
+  as one table.
+- `.csv`, `.jsonl`: one file, appended. A hidden sidecar (`.NAME.progress`) records the length
+  of the committed part; a resumed run cuts anything after it, and the finished run removes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imagerec.errors import ImagerecError, InvalidInput
+from imagerec.images import IMAGE_SUFFIXES, load_image
+
+log = logging.getLogger(__name__)
+
+FORMATS = (".parquet", ".csv", ".jsonl")
+COLUMNS = ("path", "label", "score", "top_k", "error")
+PART_NAME = re.compile(r"^part-(\d{6,})\.parquet$")
+SUMMARY_FILE = "_imagerec.json"  # in a Parquet folder: readers skip names starting with "_"
+# Paths hashed per step when skipping what a resumed run has done.
+_FILTER_CHUNK = 4096
+
+
+@dataclass
+class BulkResult:
+    """What one run did: rows written now, how many of them are errors, rows already there."""
+
+    out: Path
+    written: int = 0
+    errors: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    model: str = ""
+    engine: str = ""
+    error_codes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+# Sources ------------------------------------------------------------------------------------
+
+
+def iter_sources(sources: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Every image path the sources name, lazily, in a stable order.
+
+    A folder is walked recursively in sorted order for files with an image suffix; a file with
+    an image suffix is itself; any other file lists paths, one a line (blank lines and lines
+    starting with # are skipped); anything else is a glob pattern (`**` recurses)."""
+    for source in sources:
+        text = os.fspath(source)
+        path = Path(text)
+        if path.is_dir():
+            yield from _walk(path)
+        elif path.is_file():
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                yield text
+            else:
+                yield from _listed(path)
+        elif glob.has_magic(text):
+            yield from _globbed(text)
+        else:
+            raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
+
+
+def check_sources(sources: Iterable[str | os.PathLike]) -> None:
+    """Raise InvalidInput for a source that names nothing, before any work starts."""
+    for source in sources:
+        text = os.fspath(source)
+        if not (os.path.exists(text) or glob.has_magic(text)):
+            raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
+
+
+def _walk(root: Path) -> Iterator[str]:
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield os.path.join(folder, name)
+
+
+def _listed(path: Path) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{path} is neither an image (by its suffix) nor a UTF-8 text file listing paths",
+            code="no_source",
+        ) from None
+
+
+def _globbed(pattern: str) -> Iterator[str]:
+    for match in sorted(glob.iglob(pattern, recursive=True)):
+        if os.path.isdir(match):
+            yield from _walk(Path(match))
+        elif os.path.splitext(match)[1].lower() in IMAGE_SUFFIXES:
+            yield match
+
+
+def count_sources(sources: list[str], stop: threading.Event) -> int | None:
+    """How many paths the sources name (None if stopped first): the progress bar's total."""
+    count = 0
+    for _ in iter_sources(sources):
+        if stop.is_set():
+            return None
+        count += 1
+    return count
+
+
+# Resuming -----------------------------------------------------------------------------------
+
+
+def path_hashes(paths: Iterable[str]) -> np.ndarray:
+    """64-bit hashes of paths (blake2b): 8 bytes each to remember what is done."""
+    return np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                "little",
+            )
+            for p in paths
+        ),
+        dtype=np.uint64,
+    )
+
+
+def skip_done(paths: Iterable[str], done: np.ndarray) -> Iterator[str]:
+    """`paths` without those whose hash is in the sorted array `done`."""
+    if len(done) == 0:
+        yield from paths
+        return
+    chunk: list[str] = []
+    for path in paths:
+        chunk.append(path)
+        if len(chunk) == _FILTER_CHUNK:
+            yield from _pending(chunk, done)
+            chunk = []
+    yield from _pending(chunk, done)
+
+
+def _pending(chunk: list[str], done: np.ndarray) -> list[str]:
+    if not chunk:
+        return []
+    hashes = path_hashes(chunk)
+    at = np.minimum(np.searchsorted(done, hashes), len(done) - 1)
+    seen = done[at] == hashes
+    return [p for p, s in zip(chunk, seen, strict=True) if not s]
+
+
+# Rows ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Columns of result rows, in the order their images were enumerated."""
+
+    path: list[str] = field(default_factory=list)
+    label: list[str | None] = field(default_factory=list)
+    score: list[float | None] = field(default_factory=list)
+    top_k: list[list[dict] | None] = field(default_factory=list)
+    error: list[dict | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def extend(self, other: Rows) -> None:
+        for name in COLUMNS:
+            getattr(self, name).extend(getattr(other, name))
+
+    def errors(self) -> int:
+        return sum(e is not None for e in self.error)
+
+    def records(self) -> Iterator[dict]:
+        for values in zip(*(getattr(self, n) for n in COLUMNS), strict=True):
+            yield dict(zip(COLUMNS, values, strict=True))
+
+    def to_arrow(self):
+        import pyarrow as pa
+
+        return pa.table({n: getattr(self, n) for n in COLUMNS}, schema=arrow_schema())
+
+
+def arrow_schema():
+    """The table's schema: top_k a list of {label, score}, error null or {code, message}."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("score", pa.float64()),
+            ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+            ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
+        ]
+    )
+
+
+def ranked_rows(
+    paths: list[str], probs: np.ndarray, ok: np.ndarray, errors: dict[int, dict], labels, k: int
+) -> Rows:
+    """Rows for one batch: `probs` holds a row for each path where `ok`, in order."""
+    rows = Rows()
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k] if len(probs) else probs
+    j = 0
+    for i, path in enumerate(paths):
+        rows.path.append(path)
+        if not ok[i]:
+            rows.label.append(None)
+            rows.score.append(None)
+            rows.top_k.append(None)
+            rows.error.append(errors[i])
+            continue
+        ranked = [{"label": labels[c], "score": float(probs[j, c])} for c in order[j]]
+        rows.label.append(ranked[0]["label"])
+        rows.score.append(ranked[0]["score"])
+        rows.top_k.append(ranked)
+        rows.error.append(None)
+        j += 1
+    return rows
+
+
+def checked_top_k(top_k: int, labels: list[str]) -> int:
+    """`top_k`, or InvalidInput when it is not between 1 and the number of labels."""
+    if not 1 <= top_k <= len(labels):
+        raise InvalidInput(f"--top-k must be between 1 and {len(labels)}", code="usage")
+    return top_k
+
+
+def decode_batch(
+    paths: list[str], size: tuple[int, int], max_pixels: int
+) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+    """(pixels of the readable images at `size`, ok mask, {index: error}) for `paths`.
+
+    A file that cannot be read or decoded becomes an error with the code and message the rest of
+    imagerec gives for it; nothing here stops the run."""
+    pixels = np.empty((len(paths), size[0], size[1], 3), np.uint8)
+    ok = np.zeros(len(paths), bool)
+    errors: dict[int, dict] = {}
+    n = 0
+    for i, path in enumerate(paths):
+        try:
+            pixels[n] = load_image(path, size, max_pixels)
+        except ImagerecError as exc:
+            errors[i] = {"code": exc.code, "message": exc.message}
+            continue
+        except Exception as exc:  # a decoder failure of a kind images.py does not name
+            log.warning("%s could not be decoded", path, exc_info=True)
+            errors[i] = {"code": "invalid_image", "message": f"{path}: {exc}"}
+            continue
+        ok[i] = True
+        n += 1
+    return pixels[:n], ok, errors
+
+
+# Sinks --------------------------------------------------------------------------------------
+
+
+def output_format(out: Path) -> str:
+    suffix = out.suffix.lower()
+    if suffix not in FORMATS:
+        raise InvalidInput(
+            f"--out must end in {', '.join(FORMATS)} (the format), not {out.name!r}",
+            code="usage",
+        )
+    return suffix
+
+
+def open_sink(out: Path, model: dict):
+    """The output `out` (its format by suffix), with what earlier runs committed to it."""
+    fmt = output_format(out)
+    return ParquetFolder(out, model) if fmt == ".parquet" else AppendedFile(out, fmt)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a synced temporary file renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+class ParquetFolder:
+    """`out` as a folder of Parquet parts; a part is in the table once renamed into place."""
+
+    def __init__(self, out: Path, model: dict):
+        if out.exists() and not out.is_dir():
+            raise InvalidInput(
+                f"{out} exists and is a file: a Parquet output here is a folder of parts; "
+                "choose another --out",
+                code="usage",
+            )
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".part-*"):  # a run killed while writing a part
+            stale.unlink(missing_ok=True)
+        summary = out / SUMMARY_FILE
+        if summary.is_file():
+            earlier = json.loads(summary.read_text())
+            if earlier.get("version") != model.get("version"):
+                raise InvalidInput(
+                    f"{out} holds labels from model {earlier.get('name')} version "
+                    f"{earlier.get('version')}, not {model.get('name')} version "
+                    f"{model.get('version')}: choose another --out",
+                    code="other_model",
+                )
+        else:
+            _write_durably(summary, json.dumps(model).encode())
+        self.next_part = 1 + max((int(m[1]) for m in self._parts()), default=-1)
+
+    def _parts(self) -> Iterator[re.Match]:
+        for entry in os.scandir(self.out):
+            match = PART_NAME.match(entry.name)
+            if match:
+                yield match
+
+    def done(self) -> tuple[int, np.ndarray]:
+        """(rows committed, sorted hashes of their paths)."""
+        import pyarrow.parquet as pq
+
+        hashes = [np.zeros(0, np.uint64)]
+        for match in self._parts():
+            paths = pq.read_table(self.out / match[0], columns=["path"]).column("path")
+            hashes.append(path_hashes(paths.to_pylist()))
+        done = np.concatenate(hashes)
+        done.sort()
+        return len(done), done
+
+    def commit(self, rows: Rows) -> None:
+        import pyarrow.parquet as pq
+
+        name = f"part-{self.next_part:06d}.parquet"
+        tmp = self.out / f".{name}.tmp"
+        pq.write_table(rows.to_arrow(), tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.out / name)
+        _fsync_folder(self.out)
+        self.next_part += 1
+
+    def adopt(self, files: list[Path]) -> list[Path]:
+        """Rename finished Parquet files (written elsewhere in `out`) into place as parts."""
+        parts = []
+        for file in files:
+            parts.append(self.out / f"part-{self.next_part:06d}.parquet")
+            os.replace(file, parts[-1])
+            self.next_part += 1
+        _fsync_folder(self.out)
+        return parts
+
+    def finish(self) -> None:
+        pass
+
+
+class AppendedFile:
+    """A CSV or JSON Lines file appended chunk by chunk; `.NAME.progress` holds the length of
+    the committed part while a run is under way."""
+
+    def __init__(self, out: Path, fmt: str):
+        self.out, self.fmt = out, fmt
+        if out.is_dir():
+            raise InvalidInput(f"{out} is a folder; --out names the file to write", code="usage")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.progress = out.with_name(f".{out.name}.progress")
+        self.recorded = self.progress.is_file()
+        if self.recorded:
+            self.committed = json.loads(self.progress.read_text())["bytes"]
+        else:  # none, or a finished run: everything in the file is committed
+            self.committed = out.stat().st_size if out.exists() else 0
+
+    def _record(self) -> None:
+        _write_durably(self.progress, json.dumps({"bytes": self.committed}).encode())
+
+    def done(self) -> tuple[int, np.ndarray]:
+        paths = list(self._committed_paths())
+        done = path_hashes(paths)
+        done.sort()
+        if not self.recorded:  # before the first byte is appended, so it can be taken back
+            self._record()
+            self.recorded = True
+        return len(paths), done
+
+    def _committed_paths(self) -> Iterator[str]:
+        if self.committed == 0:
+            return
+        with open(self.out, "rb") as handle:
+            text = io.TextIOWrapper(io.BytesIO(handle.read(self.committed)), "utf-8", newline="")
+        if self.fmt == ".jsonl":
+            for line in text:
+                try:
+                    yield json.loads(line)["path"]
+                except (ValueError, KeyError, TypeError):
+                    raise InvalidInput(
+                        f"{self.out} is not a table that imagerec classify wrote"
+                    ) from None
+            return
+        reader = csv.DictReader(text)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise InvalidInput(f"{self.out} is not a table that imagerec classify wrote")
+        for row in reader:
+            yield row["path"]
+
+    def commit(self, rows: Rows) -> None:
+        buffer = io.StringIO(newline="")
+        if self.fmt == ".jsonl":
+            for record in rows.records():
+                buffer.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.writer(buffer)
+            if self.committed == 0:
+                writer.writerow(COLUMNS)
+            for record in rows.records():
+                for name in ("top_k", "error"):
+                    if record[name] is not None:
+                        record[name] = json.dumps(record[name], ensure_ascii=False)
+                writer.writerow(record[n] for n in COLUMNS)
+        data = buffer.getvalue().encode("utf-8")
+        with open(self.out, "ab") as handle:
+            handle.truncate(self.committed)  # what a killed run appended past its last commit
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.committed += len(data)
+        self._record()
+
+    def finish(self) -> None:
+        if not self.out.exists():  # nothing to write: still an empty table, with its header
+            self.commit(Rows())
+        self.progress.unlink(missing_ok=True)
+        _fsync_folder(self.out.parent)
+
+
+def classify(
+    bundle: str | os.PathLike,
+    sources: list[str],
+    out: str | os.PathLike,
+    *,
+    engine: str = "local",
+    model_engine: str = "auto",
+    top_k: int = 3,
+    batch_size: int = 64,
+    decode_threads: int = 0,
+    commit_rows: int = 8192,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    ray_actors: int = 0,
+) -> BulkResult:
+    """Label every image the sources name into `out` with the bundle, on the `local` or `ray`
+    engine; `model_engine` is the model's engine (auto, onnx-int8, ...)."""
+    out = Path(out)
+    output_format(out)
+    check_sources(sources)
+    if batch_size < 1 or commit_rows < 1:
+        raise InvalidInput("the batch size and the rows a commit holds must be at least 1")
+    if engine == "ray":
+        from imagerec.bulk_ray import classify_on_ray
+
+        return classify_on_ray(
+            bundle,
+            sources,
+            out,
+            model_engine=model_engine,
+            top_k=top_k,
+            batch_size=batch_size,
+            actors=ray_actors,
+            max_pixels=max_pixels,
+        )
+    if engine != "local":
+        raise InvalidInput(f"the engine must be local or ray, not {engine!r}", code="usage")
+    from imagerec.predictor import Predictor
+
+    # Two ONNX sessions on their share of the cores each, called from two threads: one batch's
+    # Python work (casting, ranking) overlaps the other's compute, and a decode thread that
+    # takes a core stalls one session, never a pool of threads waiting on each other.
+    inference_threads = 2
+    predictor = Predictor.from_path(
+        bundle, max_batch=batch_size, engine=model_engine, workers=inference_threads
+    )
+    return classify_local(
+        predictor,
+        sources,
+        out,
+        top_k=top_k,
+        batch_size=batch_size,
+        decode_threads=decode_threads,
+        inference_threads=inference_threads,
+        commit_rows=commit_rows,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+
+
+# The local engine -----------------------------------------------------------------------------
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def classify_local(
+    predictor,
+    sources: list[str],
+    out: Path,
+    *,
+    top_k: int = 3,
+    batch_size: int = 64,
+    decode_threads: int = 0,
+    inference_threads: int = 2,
+    commit_rows: int = 8192,
+    commit_s: float = 10.0,
+    max_pixels: int | None = None,
+    progress: bool = True,
+) -> BulkResult:
+    """Label every image the sources name into `out`, skipping what `out` already holds.
+
+    `predictor` (an imagerec.predictor.Predictor, made with `workers=inference_threads`) is
+    called from that many threads at once. Batches of `batch_size` paths are decoded by
+    `decode_threads` threads (0: one a core) a bounded window ahead of the model."""
+    import cv2
+
+    from imagerec.images import DEFAULT_MAX_PIXELS
+
+    check_sources(sources)
+    start = time.monotonic()
+    k = checked_top_k(top_k, predictor.labels)
+    model = {"name": predictor.name, "version": predictor.version, "engine": predictor.engine}
+    sink = open_sink(out, model)
+    already, done = sink.done()
+    result = BulkResult(out, skipped=already, model=predictor.name, engine=predictor.engine)
+    size = predictor.input_size
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    decode_threads = decode_threads or max(1, cores or 1)
+    infer_threads = max(1, inference_threads)
+    # Batches decoded or being decoded ahead of the model: enough to cover a slow file.
+    window = 2 * decode_threads + infer_threads
+
+    stop_counting = threading.Event()
+    bar = _progress_bar(progress, already)
+    counter = threading.Thread(
+        target=lambda: _set_total(bar, count_sources(sources, stop_counting)),
+        name="imagerec-count",
+        daemon=True,
+    )
+    if bar is not None:
+        counter.start()
+
+    def infer(decoding: Future, paths: list[str]) -> Rows:
+        pixels, ok, errors = decoding.result()
+        probs = predictor.predict_arrays(pixels)
+        return ranked_rows(paths, probs, ok, errors, predictor.labels, k)
+
+    # OpenCV's own threads would compete with the decode pool, which already uses every core.
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    pending = Rows()
+    last_commit = time.monotonic()
+    in_flight: deque[Future] = deque()
+    try:
+        with (
+            ThreadPoolExecutor(decode_threads, "imagerec-decode") as decoders,
+            ThreadPoolExecutor(infer_threads, "imagerec-infer") as inferers,
+        ):
+            batches = batched(skip_done(iter_sources(sources), done), batch_size)
+            del done  # the hashes are only needed by the filter, which holds them
+            exhausted = False
+            while in_flight or not exhausted:
+                while not exhausted and len(in_flight) < window:
+                    paths = next(batches, None)
+                    if paths is None:
+                        exhausted = True
+                        break
+                    decoding = decoders.submit(decode_batch, paths, size, max_pixels)
+                    in_flight.append(inferers.submit(infer, decoding, paths))
+                if not in_flight:
+                    break
+                rows = in_flight.popleft().result()
+                pending.extend(rows)
+                if bar is not None:
+                    bar.update(len(rows))
+                now = time.monotonic()
+                if len(pending) >= commit_rows or now - last_commit >= commit_s:
+                    _commit(sink, pending, result)
+                    pending, last_commit = Rows(), now
+            if len(pending):
+                _commit(sink, pending, result)
+            sink.finish()
+    finally:
+        for future in in_flight:
+            future.cancel()
+        cv2.setNumThreads(cv_threads)
+        stop_counting.set()
+        if bar is not None:
+            bar.close()
+    if result.written == 0 and result.skipped == 0:
+        log.warning("the sources named no image files")
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _commit(sink, rows: Rows, result: BulkResult) -> None:
+    sink.commit(rows)
+    result.written += len(rows)
+    for error in rows.error:
+        if error is not None:
+            result.errors += 1
+            result.error_codes[error["code"]] = result.error_codes.get(error["code"], 0) + 1
+
+
+def _progress_bar(enabled: bool, initial: int):
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    # disable=None turns the bar off when stderr is not a terminal (logs, CI).
+    return tqdm(
+        total=None, initial=initial, desc="classify", unit="img", file=sys.stderr, disable=None
+    )
+
+
+def _set_total(bar, total: int | None) -> None:
+    if total is not None:
+        bar.total = total
+        bar.refresh()

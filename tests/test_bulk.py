@@ -1,0 +1,289 @@
+"""imagerec classify: every image of a folder, glob or list labelled into a table, unreadable
+files as error rows, each output format read back, a SIGKILLed run resumed, and Ray Data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from imagerec.bulk import classify, iter_sources
+from imagerec.cli import main
+from imagerec.images import load_image
+from imagerec.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "cifar10"
+CIFAR_SMALL = Path(__file__).parent / "fixtures" / "cifar_small"
+BAD_FILES = {
+    "fake.jpg": "unsupported_media_type",
+    "empty.png": "empty_image",
+    "cut.jpg": "truncated_image",
+    "gone.jpg": "invalid_image",  # a dangling link: the file cannot be read
+}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """80 CIFAR JPEGs in nested class folders, plus files that cannot be read or decoded and
+    one that is not an image by its name (skipped)."""
+    root = tmp_path_factory.mktemp("archive") / "photos"
+    shutil.copytree(CIFAR_SMALL, root / "2024")
+    (root / "fake.jpg").write_text("not a JPEG at all")
+    (root / "empty.png").write_bytes(b"")
+    jpeg = next(CIFAR_SMALL.glob("cat/*.jpg")).read_bytes()
+    (root / "2024" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "gone.jpg").symlink_to(root / "no-such-file.jpg")
+    (root / "notes.txt").write_text("a note that sits among the photos")
+    return root
+
+
+def read_table(out: Path) -> list[dict]:
+    """The rows of any output format, as the jsonl form has them."""
+    if out.suffix == ".parquet":
+        return pq.read_table(out).to_pylist()
+    if out.suffix == ".jsonl":
+        return [json.loads(line) for line in out.read_text().splitlines()]
+    rows = []
+    with open(out, newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows.append(
+                {
+                    "path": row["path"],
+                    "label": row["label"] or None,
+                    "score": float(row["score"]) if row["score"] else None,
+                    "top_k": json.loads(row["top_k"]) if row["top_k"] else None,
+                    "error": json.loads(row["error"]) if row["error"] else None,
+                }
+            )
+    return rows
+
+
+def test_every_image_is_labelled_and_unreadable_files_become_error_rows(archive, tmp_path, capsys):
+    out = tmp_path / "results.parquet"
+    assert main(["classify", str(BUNDLED), str(archive), "--out", str(out), "-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 84 rows" in printed and "4 files could not be read or decoded" in printed
+    rows = read_table(out)
+    by_path = {Path(r["path"]).name if r["error"] else r["path"]: r for r in rows}
+    assert len(rows) == len(by_path) == 84  # 80 images and 4 bad files; notes.txt is no image
+    for name, code in BAD_FILES.items():
+        row = by_path[name]
+        assert row["error"]["code"] == code and row["error"]["message"]
+        assert row["label"] is None and row["score"] is None and row["top_k"] is None
+    good = sorted(r["path"] for r in rows if r["error"] is None)
+    assert good == sorted(str(p) for p in archive.glob("2024/*/*.jpg"))
+    # The same answers as the predictor gives image by image.
+    predictor = Predictor.from_path(BUNDLED, engine="auto")
+    expected = predictor.classify([load_image(p) for p in good], k=2)
+    for path, want in zip(good, expected, strict=True):
+        row = by_path[path]
+        assert row["label"] == want.label and row["score"] == pytest.approx(want.score, abs=1e-5)
+        assert [t["label"] for t in row["top_k"]] == [label for label, _ in want.top_k]
+    # Labels match the class folders for most images (the bundled model was trained on them).
+    right = sum(by_path[p]["label"] == Path(p).parent.name for p in good)
+    assert right >= 70, right
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_each_output_format_reads_back_as_the_same_table(archive, tmp_path, suffix):
+    reference = tmp_path / "reference.jsonl"
+    classify(BUNDLED, [str(archive)], reference, progress=False)
+    out = tmp_path / f"results{suffix}"
+    result = classify(BUNDLED, [str(archive)], out, progress=False, batch_size=16, commit_rows=20)
+    assert result.written == 84 and result.errors == 4 and result.skipped == 0
+    got, want = read_table(out), read_table(reference)
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    for row, other in zip(got, want, strict=True):
+        assert row["label"] == other["label"] and row["error"] == other["error"]
+        if row["error"] is None:
+            assert row["score"] == pytest.approx(other["score"], abs=1e-6)
+            assert row["top_k"][0] == {"label": row["label"], "score": row["score"]}
+            assert len(row["top_k"]) == 3
+    if suffix == ".parquet":  # a folder of parts that pandas reads as one table
+        import pandas as pd
+
+        # Batches of 16, a commit once 20 rows wait: parts of 32, 32 and 20 rows.
+        parts = sorted(out.glob("part-*.parquet"))
+        assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [32, 32, 20]
+        assert len(pd.read_parquet(out)) == 84
+    else:
+        assert not list(tmp_path.glob(".*progress"))  # the finished run leaves no sidecar
+
+
+def test_sources_are_folders_globs_images_and_path_lists(archive, tmp_path):
+    listed = tmp_path / "list.txt"
+    cats = sorted(str(p) for p in archive.glob("2024/cat/*.jpg"))
+    listed.write_text("# cats\n" + "\n".join(cats) + "\n\n")
+    assert list(iter_sources([listed])) == cats
+    dogs = sorted(str(p) for p in archive.glob("2024/dog/*.jpg"))
+    assert list(iter_sources([f"{archive}/2024/dog/*.jpg"])) == dogs
+    assert list(iter_sources([f"{archive}/**/dog"])) == dogs  # a glob naming a folder
+    assert list(iter_sources([dogs[0], listed])) == [dogs[0], *cats]
+    walked = list(iter_sources([archive]))
+    # A folder's own files (sorted), then its subfolders' (sorted): the same order every time.
+    top = [str(archive / n) for n in ("empty.png", "fake.jpg", "gone.jpg", "2024/cut.jpg")]
+    assert walked[:4] == top and walked[4:] == sorted(walked[4:]) and len(walked) == 84
+
+
+def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
+    def refused(*args: str) -> str:
+        assert main(["classify", str(BUNDLED), *args]) == 1
+        return capsys.readouterr().err
+
+    csv_out = str(tmp_path / "r.csv")
+    assert "must end in .parquet, .csv, .jsonl" in refused(str(archive), "--out", "r.xlsx")
+    assert "no such folder, file or glob" in refused(str(tmp_path / "nope"), "--out", csv_out)
+    assert "--top-k must be between 1 and 10" in refused(str(archive), "--out", csv_out, "-k", "11")
+    assert "the ray engine writes Parquet" in refused(
+        str(archive), "--out", csv_out, "--engine", "ray"
+    )
+    (tmp_path / "taken.parquet").write_text("someone else's file")
+    assert "is a file" in refused(str(archive), "--out", str(tmp_path / "taken.parquet"))
+    for name, text in [("notes.jsonl", '{"note": 1}\n'), ("sheet.csv", "a,b\n1,2\n")]:
+        (tmp_path / name).write_text(text)
+        assert "is not a table that imagerec classify wrote" in refused(
+            str(archive), "--out", str(tmp_path / name)
+        )
+        assert (tmp_path / name).read_text() == text  # left as it was
+        assert not (tmp_path / f".{name}.progress").exists()
+    other = tmp_path / "other.parquet"
+    other.mkdir()
+    (other / "_imagerec.json").write_text(json.dumps({"name": "x", "version": "0123456789ab"}))
+    assert "not cifar10 version" in refused(str(archive), "--out", str(other))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("r.", ".r."))]
+
+
+def test_a_finished_run_run_again_adds_only_new_images(archive, tmp_path):
+    out = tmp_path / "results.csv"
+    first = classify(BUNDLED, [f"{archive}/2024/cat"], out, progress=False)
+    again = classify(BUNDLED, [str(archive)], out, progress=False)
+    assert (first.written, again.written, again.skipped) == (8, 76, 8)
+    paths = [r["path"] for r in read_table(out)]
+    assert len(paths) == len(set(paths)) == 84
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """2,400 small JPEGs (the fixture's 80, each under 30 names) in 30 folders."""
+    root = tmp_path_factory.mktemp("many") / "images"
+    sources = sorted(CIFAR_SMALL.glob("*/*.jpg"))
+    for copy in range(30):
+        folder = root / f"{copy:02d}"
+        folder.mkdir(parents=True)
+        for i, source in enumerate(sources):
+            (folder / f"{i:03d}.jpg").write_bytes(source.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_run_killed_with_sigkill_resumes_without_duplicates_or_gaps(
+    many_images, tmp_path, suffix
+):
+    out = tmp_path / f"results{suffix}"
+    # Small batches and commits, so that the run is killed with many commits behind it and
+    # many ahead; one decode thread keeps it slow enough on any machine.
+    command = [
+        sys.executable, "-m", "imagerec.cli", "classify", str(BUNDLED), str(many_images),
+        "--out", str(out), "--batch-size", "8", "--commit-every", "16", "--decode-threads", "1",
+    ]  # fmt: skip
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while committed_rows(out) < 160:
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline, "the run committed nothing in two minutes"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL
+    before = committed_rows(out)
+    assert 160 <= before < 2400  # killed part-way
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{before:,} images were already there and were skipped" in resumed.stdout
+    rows = read_table(out)
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == 2400  # no duplicates, no gaps
+    clean = classify(BUNDLED, [str(many_images)], tmp_path / "clean.jsonl", progress=False)
+    assert clean.written == 2400
+    want = {r["path"]: r["label"] for r in read_table(tmp_path / "clean.jsonl")}
+    assert {r["path"]: r["label"] for r in rows} == want
+
+
+def committed_rows(out: Path) -> int:
+    """Rows that a killed run would keep: the committed parts, or the sidecar's length."""
+    if out.suffix == ".parquet":
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
+    progress = out.with_name(f".{out.name}.progress")
+    try:
+        length = json.loads(progress.read_text())["bytes"]
+        with open(out, "rb") as handle:
+            return max(0, handle.read(length).count(b"\n") - 1)  # less the header
+    except (OSError, ValueError):  # not written yet, or the sidecar caught mid-rename
+        return 0
+
+
+def test_without_ray_the_message_says_how_to_install_it(archive, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    out = tmp_path / "r.parquet"
+    assert main(["classify", str(BUNDLED), str(archive), "--out", str(out), "--engine", "ray"]) == 1
+    assert "pip install 'imagerec[ray]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance of 2 CPUs for this module's Ray tests; skipped only where Ray cannot
+    start (never in CI)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - the test extra installs it
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("Ray is not installed: pip install 'imagerec[ray]'")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Ray cannot start on this machine: {exc}")
+    yield ray
+    ray.shutdown()
+
+
+def test_the_ray_engine_gives_the_local_engines_table(local_ray, archive, tmp_path):
+    local = tmp_path / "local.parquet"
+    classify(BUNDLED, [str(archive)], local, progress=False)
+    out = tmp_path / "ray.parquet"
+    result = classify(BUNDLED, [str(archive)], out, engine="ray", batch_size=16)
+    assert result.written == 84 and result.errors == 4 and result.engine == "ray/onnx-int8"
+    assert sorted(result.error_codes.items()) == sorted(
+        {c: list(BAD_FILES.values()).count(c) for c in BAD_FILES.values()}.items()
+    )
+    got = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    want = {r["path"]: r for r in pq.read_table(local).to_pylist()}
+    assert got.keys() == want.keys()
+    for path, row in got.items():
+        assert row["label"] == want[path]["label"] and row["error"] == want[path]["error"]
+        if row["score"] is not None:
+            assert np.isclose(row["score"], want[path]["score"], atol=1e-6)
+    # Run again: everything is there, nothing is added; a new image is the only new row.
+    again = classify(BUNDLED, [str(archive)], out, engine="ray")
+    assert (again.written, again.skipped) == (0, 84)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(next(CIFAR_SMALL.glob("ship/*.jpg")), extra / "ship.jpg")
+    more = classify(BUNDLED, [str(archive), str(extra)], out, engine="ray")
+    assert (more.written, more.skipped) == (1, 84)
+    assert pq.read_table(out).num_rows == 85
