@@ -159,7 +159,7 @@ def client_process(url: str, grpc_address: str, threads: int, until: float, out:
                 try:
                     outcome = one(session, kind, rng)
                 except (requests.RequestException, OSError) as exc:
-                    outcome = f"client {type(exc).__name__}"
+                    outcome = f"client {type(exc).__name__}: {str(exc)[:160]}"
                     session.close()
                 mine.append((started, kind, time.time() - started, outcome))
         with lock:

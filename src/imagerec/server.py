@@ -283,7 +283,24 @@ def granian_app(settings: Settings, *_target):
         # Granian's worker returns once HTTP has drained on SIGTERM; the process's exit
         # finalizers then let the gRPC calls in flight finish too.
         multiprocessing.util.Finalize(None, grpc_server.stop, exitpriority=10)
-    return api.http.server()
+    return close_after_unread_bodies(api.http.server())
+
+
+def close_after_unread_bodies(app):
+    """WSGI wrapper for Granian: a 413 refuses a body before it is read, and Granian then closes
+    the connection, so the answer says `Connection: close`; without it a keep-alive client may
+    send its next request on the closing connection and see it reset. (waitress reads bodies
+    itself and answers its own 413s, and refuses this header from an app, as PEP 3333 asks.)"""
+
+    def wrapped(environ, start_response):
+        def start(status, headers, exc_info=None):
+            if status.startswith("413"):
+                headers = [*headers, ("Connection", "close")]
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wrapped
 
 
 MALLOC_ARENAS = 2
