@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -194,10 +195,14 @@ def test_one_bad_image_names_itself(api):
     assert response.data["error"]["message"].startswith("bad.jpg:")
 
 
-def test_unknown_route_keeps_hugs_documentation(api):
+def test_unknown_route_is_a_404_in_the_error_shape(api):
+    """Not hug's own 404 page, which describes the whole API to whoever asks (the API is
+    described at /openapi.json, as a client expects)."""
     response = hug.test.get(api, "/no/such/route")
     assert response.status.startswith("404")
-    assert "/v1/predict" in response.data["documentation"]["handlers"]
+    body = json.loads(response.data) if isinstance(response.data, str) else response.data
+    assert body == {"error": {"code": "not_found", "message": "no route for GET /no/such/route"}}
+    assert "/v1/predict" in hug.test.get(api, "/openapi.json").data["paths"]
 
 
 class Exploding:
