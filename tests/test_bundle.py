@@ -145,7 +145,7 @@ class ModelWhoseSaveFails:
 def test_a_failed_save_keeps_the_previous_bundle_and_leaves_no_temp_folder(bundle_copy):
     version = verify_bundle(bundle_copy)
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(BundleError, match="No space left.*the bundle already there is unchanged"):
         write_bundle(bundle_copy, ModelWhoseSaveFails(), ["a", "b"], Preprocess((8, 8)), {})
 
     assert verify_bundle(bundle_copy) == version
