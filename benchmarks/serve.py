@@ -509,39 +509,37 @@ BASELINE = ("waitress", "tensorflow")
 SLOW_CLIENT_ROWS = (BASELINE, ("granian", "onnx-int8"))  # the earlier server and the new one
 
 
+def merge_levels(tables: list[list[dict]], labels: tuple[str, ...]) -> list[dict]:
+    """One server's rows of every round, level by level: totals of requests and errors,
+    medians of throughput and latency; `labels` are copied from the first round."""
+    merged = []
+    for level_rows in zip(*tables, strict=True):
+        row = {key: level_rows[0][key] for key in labels}
+        row["requests"] = sum(r["requests"] for r in level_rows)
+        row["errors"] = sum(r["errors"] for r in level_rows)
+        for key in ("throughput", "p50_ms", "p99_ms"):
+            row[key] = float(np.median([r[key] for r in level_rows]))
+        merged.append(row)
+    return merged
+
+
 def median_rows(rounds: list[list[dict]]) -> list[dict]:
     """Each server's figures over the rounds: medians of throughput, latency and memory."""
     merged = []
     for runs in zip(*rounds, strict=True):
-        first = runs[0]
-        rows = []
-        for level_rows in zip(*(run["rows"] for run in runs), strict=True):
-            row = {"concurrency": level_rows[0]["concurrency"]}
-            row["requests"] = sum(r["requests"] for r in level_rows)
-            row["errors"] = sum(r["errors"] for r in level_rows)
-            for key in ("throughput", "p50_ms", "p99_ms"):
-                row[key] = float(np.median([r[key] for r in level_rows]))
-            rows.append(row)
         numbers = {
             key: float(np.median([run[key] for run in runs]))
             for key in ("startup_s", "idle_mb", "rss_mb", "peak_mb")
         }
-        tensorflow = any(run["tensorflow_loaded"] for run in runs)
-        protocols = []
-        for level_rows in zip(*(run["protocols"] for run in runs), strict=True):
-            row = {k: level_rows[0][k] for k in ("protocol", "concurrency")}
-            row["requests"] = sum(r["requests"] for r in level_rows)
-            row["errors"] = sum(r["errors"] for r in level_rows)
-            for key in ("throughput", "p50_ms", "p99_ms"):
-                row[key] = float(np.median([r[key] for r in level_rows]))
-            protocols.append(row)
         merged.append(
             {
-                **first,
+                **runs[0],
                 **numbers,
-                "rows": rows,
-                "protocols": protocols,
-                "tensorflow_loaded": tensorflow,
+                "rows": merge_levels([run["rows"] for run in runs], ("concurrency",)),
+                "protocols": merge_levels(
+                    [run["protocols"] for run in runs], ("protocol", "concurrency")
+                ),
+                "tensorflow_loaded": any(run["tensorflow_loaded"] for run in runs),
             }
         )
     return merged
