@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,34 +187,87 @@ def _pending(chunk: list[str], done: np.ndarray) -> list[str]:
 # Rows ---------------------------------------------------------------------------------------
 
 
-@dataclass
 class Rows:
-    """Columns of result rows, in the order their images were enumerated."""
+    """Result rows, in the order their images were enumerated, held as columns: each batch adds
+    its paths, the class indices and scores of its top k (an (n, k) array each, zeros on a row
+    with an error) and its errors (None where the image was classified). The table's columns are
+    built from these arrays at commit, with no Python object a row for Parquet."""
 
-    path: list[str] = field(default_factory=list)
-    label: list[str | None] = field(default_factory=list)
-    score: list[float | None] = field(default_factory=list)
-    top_k: list[list[dict] | None] = field(default_factory=list)
-    error: list[dict | None] = field(default_factory=list)
+    def __init__(self, labels: Sequence[str] = (), k: int = 1):
+        self.labels, self.k = list(labels), k
+        self.path: list[str] = []
+        self.error: list[dict | None] = []
+        self._top: list[np.ndarray] = []
+        self._score: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self.path)
 
+    def add(self, paths: list[str], top: np.ndarray, score: np.ndarray, errors: list) -> None:
+        self.path.extend(paths)
+        self.error.extend(errors)
+        self._top.append(top)
+        self._score.append(score)
+
     def extend(self, other: Rows) -> None:
-        for name in COLUMNS:
-            getattr(self, name).extend(getattr(other, name))
+        if not self.labels:
+            self.labels, self.k = other.labels, other.k
+        self.path.extend(other.path)
+        self.error.extend(other.error)
+        self._top.extend(other._top)
+        self._score.extend(other._score)
 
     def errors(self) -> int:
         return sum(e is not None for e in self.error)
 
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(top-k class indices, their scores, ok mask) for every row."""
+        if not self._top:
+            return np.zeros((0, self.k), np.int64), np.zeros((0, self.k)), np.zeros(0, bool)
+        ok = np.fromiter((e is None for e in self.error), bool, len(self.error))
+        return np.concatenate(self._top), np.concatenate(self._score), ok
+
     def records(self) -> Iterator[dict]:
-        for values in zip(*(getattr(self, n) for n in COLUMNS), strict=True):
-            yield dict(zip(COLUMNS, values, strict=True))
+        top, score, ok = self.columns()
+        for i, path in enumerate(self.path):
+            if not ok[i]:
+                yield dict(path=path, label=None, score=None, top_k=None, error=self.error[i])
+                continue
+            ranked = [
+                {"label": self.labels[c], "score": float(s)}
+                for c, s in zip(top[i], score[i], strict=True)
+            ]
+            first = ranked[0]
+            yield dict(
+                path=path, label=first["label"], score=first["score"], top_k=ranked, error=None
+            )
 
     def to_arrow(self):
         import pyarrow as pa
 
-        return pa.table({n: getattr(self, n) for n in COLUMNS}, schema=arrow_schema())
+        schema = arrow_schema()
+        top, score, ok = self.columns()
+        failed = pa.array(~ok)
+        names = pa.array(self.labels, pa.string())
+        pairs = pa.StructArray.from_arrays(
+            [names.take(pa.array(top.ravel())), pa.array(score.ravel(), pa.float64())],
+            fields=list(schema.field("top_k").type.value_type),
+        )
+        offsets = pa.array(np.arange(0, top.size + 1, self.k, dtype=np.int32))
+        codes = [None if e is None else e["code"] for e in self.error]
+        messages = [None if e is None else e["message"] for e in self.error]
+        columns = {
+            "path": pa.array(self.path, pa.string()),
+            "label": names.take(pa.array(top[:, 0], mask=~ok)),
+            "score": pa.array(score[:, 0], pa.float64(), mask=~ok),
+            "top_k": pa.ListArray.from_arrays(offsets, pairs, mask=failed),
+            "error": pa.StructArray.from_arrays(
+                [pa.array(codes, pa.string()), pa.array(messages, pa.string())],
+                fields=list(schema.field("error").type),
+                mask=pa.array(ok),
+            ),
+        }
+        return pa.table(columns, schema=schema)
 
 
 def arrow_schema():
@@ -236,23 +289,14 @@ def ranked_rows(
     paths: list[str], probs: np.ndarray, ok: np.ndarray, errors: dict[int, dict], labels, k: int
 ) -> Rows:
     """Rows for one batch: `probs` holds a row for each path where `ok`, in order."""
-    rows = Rows()
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k] if len(probs) else probs
-    j = 0
-    for i, path in enumerate(paths):
-        rows.path.append(path)
-        if not ok[i]:
-            rows.label.append(None)
-            rows.score.append(None)
-            rows.top_k.append(None)
-            rows.error.append(errors[i])
-            continue
-        ranked = [{"label": labels[c], "score": float(probs[j, c])} for c in order[j]]
-        rows.label.append(ranked[0]["label"])
-        rows.score.append(ranked[0]["score"])
-        rows.top_k.append(ranked)
-        rows.error.append(None)
-        j += 1
+    top = np.zeros((len(paths), k), np.int64)
+    score = np.zeros((len(paths), k), np.float64)
+    if len(probs):
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top[ok] = order
+        score[ok] = np.take_along_axis(probs, order, axis=1)
+    rows = Rows(labels, k)
+    rows.add(paths, top, score, [errors.get(i) for i in range(len(paths))])
     return rows
 
 
@@ -607,7 +651,7 @@ def classify_local(
     # OpenCV's own threads would compete with the decode pool, which already uses every core.
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    pending = Rows()
+    pending = Rows(predictor.labels, k)
     last_commit = time.monotonic()
     in_flight: deque[Future] = deque()
     try:
@@ -635,7 +679,7 @@ def classify_local(
                 now = time.monotonic()
                 if len(pending) >= commit_rows or now - last_commit >= commit_s:
                     _commit(sink, pending, result)
-                    pending, last_commit = Rows(), now
+                    pending, last_commit = Rows(predictor.labels, k), now
             if len(pending):
                 _commit(sink, pending, result)
             sink.finish()
