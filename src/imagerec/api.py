@@ -280,7 +280,7 @@ class BodySizeLimit:
         try:
             if length is not None and length > self.max_bytes:
                 raise _too_large(length, self.max_bytes)
-            if length is None and "chunked" in (request.get_header("Transfer-Encoding") or ""):
+            if length is None and is_chunked(request.get_header("Transfer-Encoding")):
                 data = LimitedReader(request.stream, self.max_bytes).read()
                 request.env["wsgi.input"] = request.stream = io.BytesIO(data)
                 request.env["CONTENT_LENGTH"] = str(len(data))
@@ -288,6 +288,13 @@ class BodySizeLimit:
             answer_error(response, exc)
             return
         request.stream = LimitedReader(request.stream, self.max_bytes)
+
+
+def is_chunked(transfer_encoding: str | None) -> bool:
+    """Whether a Transfer-Encoding header says the body is chunked: its last coding, in any
+    letter case (RFC 9112 6.1: codings are case-insensitive; clients send "Chunked" too)."""
+    codings = (transfer_encoding or "").split(",")
+    return codings[-1].strip().lower() == "chunked"
 
 
 def _too_large(length: int | None, limit: int) -> PayloadTooLarge:

@@ -1,0 +1,194 @@
+"""HTTP framing fuzzed on the wire: raw bytes over a socket to the real `imagerec serve` with its
+default front (Granian, the bundled model on the int8 engine), on every route of every protocol.
+
+requests and http.client write well-formed framing whatever they are given, so every request
+here is built byte by byte: Content-Length shorter or longer than the body, not a number,
+negative, sent twice with different values; Transfer-Encoding chunked in any letter case, with
+chunk extensions, malformed chunk sizes, trailers or no last chunk; Content-Length and
+Transfer-Encoding together; a Content-Type wrong for the route, odd multipart boundaries, bytes
+that are not UTF-8 in the body and the headers, huge header values.
+
+The property: never a 5xx; a 4xx from the app in its route's documented shape
+({"error": {"code", "message"}} for imagerec's routes, {"error": "message"} under /v2 and
+/v1/models/); the server healthy afterwards (GET /healthz answers 200).
+
+Granian answers some requests itself, before the app sees them, and the property accepts those
+answers as they are: bodiless (`content-length: 0`, `connection: close`, no `server` header).
+
+- 400: a Content-Length that is not a plain decimal (`abc`, `-1`, `+5`, `5, 5`, past 64 bits),
+  two Content-Length headers with different values, a Transfer-Encoding whose last coding is not
+  chunked (`gzip`), a header line that does not parse (a space in its name, a NUL, obsolete line
+  folding), a path that is not UTF-8, an HTTP version other than 1.0 and 1.1.
+- 431: headers past Granian's buffer (about 400 KB) or more than about a hundred of them.
+- No answer at all to a client that half-closes its side after a complete request: hyper, under
+  Granian, drops such a connection. A half-close is sent here only when the body is cut short
+  (the server would otherwise wait for the rest), and then an answer may be missing.
+
+What Granian does not tell the app: a chunked body that ends badly (a malformed chunk size, no
+last chunk) reaches the app as the bytes decoded before the fault, as if the body ended there,
+so it is answered as that shorter body would be. A body shorter than its Content-Length is told
+apart by its length, and is a 400 `incomplete_body`.
+
+A bounded run is part of the suite; `make fuzz` runs the same properties with many more
+examples (IMAGEREC_FUZZ_EXAMPLES). Inputs that once failed are kept as explicit examples.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from live_server import running_server
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "cifar10"
+IMAGE = (Path(__file__).parent / "fixtures" / "samples" / "dog.jpg").read_bytes()
+PROTOCOL_PREFIXES = ("/v2", "/v1/models/")
+TIMEOUT_S = 20  # a server that neither answers nor closes within this has hung
+
+
+@dataclass
+class Server:
+    host: str
+    port: int
+    version: str  # the bundled model's version, for the versioned routes
+    process: object
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(BUNDLED, tmp_path_factory.mktemp("framing")) as live:
+        host, port = live.url.removeprefix("http://").rsplit(":", 1)
+        server = Server(host, int(port), "", live.process)
+        answers = exchange(server, Raw("GET", "/v1/model"))
+        server.version = json.loads(answers[0].body)["version"]
+        yield server
+
+
+@dataclass
+class Raw:
+    """One request as bytes on the wire: the head is written as given, then `body` as is."""
+
+    method: str
+    path: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    half_close: bool = False  # shut our side after the body: the stream ends there
+
+    def to_bytes(self) -> bytes:
+        lines = [f"{self.method} {self.path} HTTP/1.1".encode(), b"Host: imagerec"]
+        # One request a connection: the server closes after its answer, so reading to the end
+        # of the stream reads the whole answer.
+        lines.append(b"Connection: close")
+        lines += [name + b": " + value for name, value in self.headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def from_granian(self) -> bool:
+        """Granian's own answer: bodiless, without the `server` header it adds to the app's."""
+        return (
+            self.status in (400, 431)
+            and "server" not in self.headers
+            and self.headers.get("content-length") == "0"
+        )
+
+
+def exchange(server: Server, raw: Raw) -> list[Answer]:
+    """Send `raw` on a new connection and read every answer until the server closes it."""
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT_S) as sock:
+        try:
+            sock.sendall(raw.to_bytes())
+            if raw.half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before the whole request was written: read the answer
+        data = bytearray()
+        while True:
+            try:
+                chunk = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            except TimeoutError:
+                raise AssertionError(f"no answer within {TIMEOUT_S} s: {raw}") from None
+            if not chunk:
+                break
+            data += chunk
+    return parse_answers(bytes(data))
+
+
+def parse_answers(data: bytes) -> list[Answer]:
+    answers = []
+    while data:
+        head, separator, rest = data.partition(b"\r\n\r\n")
+        assert separator, f"a truncated answer: {data[:300]!r}"
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", len(rest)))
+        body, data = rest[:length], rest[length:]
+        if status >= 200:  # a 100 Continue comes before the answer itself
+            answers.append(Answer(status, headers, body))
+    return answers
+
+
+def route_path(path: str) -> str:
+    return path.partition("?")[0]
+
+
+def check_answers(server: Server, raw: Raw) -> list[Answer]:
+    """The property, for one request: see the module docstring."""
+    answers = exchange(server, raw)
+    where = f"{raw.method} {raw.path} {raw.headers!r:.400} body {raw.body[:200]!r}"
+    assert answers or raw.half_close, f"no answer: {where}"
+    for answer in answers:
+        said = f"{answer.status} {answer.body[:300]!r} to {where}"
+        assert answer.status < 500, said
+        if answer.status < 400 or answer.from_granian or raw.method == "HEAD":
+            continue
+        assert answer.headers.get("content-type", "").startswith("application/json"), said
+        error = json.loads(answer.body)["error"]
+        if route_path(raw.path).startswith(PROTOCOL_PREFIXES):
+            assert isinstance(error, str) and error, said
+        else:
+            assert isinstance(error["code"], str) and isinstance(error["message"], str), said
+    health = exchange(server, Raw("GET", "/healthz"))
+    assert [a.status for a in health] == [200], f"unhealthy after {where}"
+    return answers
+
+
+def chunked(body: bytes, sizes: list[int], extension: bytes = b"", trailer: bytes = b"") -> bytes:
+    """`body` in chunks of `sizes` (the rest in one more), then the last chunk."""
+    out, start = bytearray(), 0
+    for size in [*sizes, len(body)]:
+        piece = body[start : start + size]
+        start += len(piece)
+        if piece:
+            out += b"%x%s\r\n%s\r\n" % (len(piece), extension, piece)
+    return bytes(out) + b"0\r\n" + trailer + b"\r\n"
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"CHUNKED", b"cHuNkEd"])
+def test_chunked_in_any_letter_case_is_read_as_chunked(server, coding):
+    # Before: any spelling but "chunked" left the body unread, a 400 missing_image.
+    raw = Raw(
+        "POST",
+        "/v1/predict",
+        [(b"Content-Type", b"image/jpeg"), (b"Transfer-Encoding", coding)],
+        chunked(IMAGE, [100, 7]),
+    )
+    (answer,) = check_answers(server, raw)
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.body)["results"][0]["label"] == "dog"
