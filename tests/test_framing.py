@@ -192,3 +192,105 @@ def test_chunked_in_any_letter_case_is_read_as_chunked(server, coding):
     (answer,) = check_answers(server, raw)
     assert answer.status == 200, answer.body
     assert json.loads(answer.body)["results"][0]["label"] == "dog"
+
+
+def image_b64() -> str:
+    import base64
+
+    return base64.b64encode(IMAGE).decode()
+
+
+def v2_binary_body() -> tuple[bytes, bytes]:
+    """A v2 binary-extension body and its Inference-Header-Content-Length."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 4 + len(IMAGE)},
+                }
+            ]
+        }
+    ).encode()
+    return header + len(IMAGE).to_bytes(4, "little") + IMAGE, str(len(header)).encode()
+
+
+def multipart_image(boundary: bytes = b"imagerec-boundary") -> bytes:
+    return (
+        b"--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data; name="image"; filename="dog.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + IMAGE + b"\r\n--" + boundary + b"--\r\n"
+    )
+
+
+def valid_requests(version: str) -> list[Raw]:
+    """One valid request to each route that reads a body, in each of its body forms."""
+    as_json = [(b"Content-Type", b"application/json")]
+    binary, header_length = v2_binary_body()
+    instances = json.dumps({"instances": [{"b64": image_b64()}]}).encode()
+    v2_json = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": []}]}
+    v2_json["inputs"][0]["data"].append(image_b64())
+    return [
+        Raw("POST", "/v1/predict", [(b"Content-Type", b"image/jpeg")], IMAGE),
+        Raw(
+            "POST",
+            "/v1/predict?top_k=2",
+            [(b"Content-Type", b"multipart/form-data; boundary=imagerec-boundary")],
+            multipart_image(),
+        ),
+        Raw(
+            "POST", "/v1/predict", as_json, json.dumps({"images": [{"b64": image_b64()}]}).encode()
+        ),
+        Raw("POST", "/v2/models/cifar10/infer", as_json, json.dumps(v2_json).encode()),
+        Raw(
+            "POST",
+            f"/v2/models/cifar10/versions/{version}/infer",
+            [
+                (b"Content-Type", b"application/octet-stream"),
+                (b"Inference-Header-Content-Length", header_length),
+            ],
+            binary,
+        ),
+        Raw("POST", "/v1/models/cifar10:predict", as_json, instances),
+        Raw("POST", f"/v1/models/cifar10/versions/{version}:predict", as_json, instances),
+        Raw(
+            "POST",
+            "/v1/models/cifar10:classify",
+            as_json,
+            json.dumps({"examples": [{"image": {"b64": image_b64()}}]}).encode(),
+        ),
+    ]
+
+
+def with_length(raw: Raw, length: bytes | int) -> Raw:
+    length = str(length).encode() if isinstance(length, int) else length
+    return Raw(raw.method, raw.path, [*raw.headers, (b"Content-Length", length)], raw.body)
+
+
+VALID_IDS = ["raw", "multipart", "json", "v2-json", "v2-binary", "tf", "tf-version", "tf-classify"]
+
+
+@pytest.mark.parametrize("index", range(len(VALID_IDS)), ids=VALID_IDS)
+def test_a_valid_request_with_its_content_length_is_answered(server, index):
+    raw = valid_requests(server.version)[index]
+    (answer,) = check_answers(server, with_length(raw, len(raw.body)))
+    assert answer.status == 200, answer.body
+
+
+@pytest.mark.parametrize("index", range(len(VALID_IDS)), ids=VALID_IDS)
+@pytest.mark.parametrize("missing", [1, 100, 10_000])
+def test_a_body_shorter_than_its_content_length_is_an_incomplete_body(server, index, missing):
+    # Before: the bytes that came were read as the whole body: 200 when they were enough
+    # (an image's trailing bytes are not needed to decode it), else whatever they made.
+    raw = valid_requests(server.version)[index]
+    raw = with_length(raw, len(raw.body) + missing)
+    raw.half_close = True  # the stream ends there
+    (answer,) = check_answers(server, raw)
+    assert answer.status == 400, answer.body
+    error = json.loads(answer.body)["error"]
+    if route_path(raw.path).startswith(PROTOCOL_PREFIXES):
+        assert "Content-Length" in error, error
+    else:
+        assert error["code"] == "incomplete_body", error
