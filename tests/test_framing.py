@@ -36,11 +36,14 @@ examples (IMAGEREC_FUZZ_EXAMPLES). Inputs that once failed are kept as explicit 
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from live_server import running_server
 
@@ -48,6 +51,14 @@ BUNDLED = Path(__file__).resolve().parents[1] / "models" / "cifar10"
 IMAGE = (Path(__file__).parent / "fixtures" / "samples" / "dog.jpg").read_bytes()
 PROTOCOL_PREFIXES = ("/v2", "/v1/models/")
 TIMEOUT_S = 20  # a server that neither answers nor closes within this has hung
+
+EXAMPLES = int(os.environ.get("IMAGEREC_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=EXAMPLES <= 150,  # the suite's bounded run is the same every time
+)
 
 
 @dataclass
@@ -110,8 +121,8 @@ def exchange(server: Server, raw: Raw) -> list[Answer]:
             sock.sendall(raw.to_bytes())
             if raw.half_close:
                 sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # answered and closed before the whole request was written: read the answer
+        except OSError:  # a broken pipe, a reset, or already shut: the server has closed
+            pass  # (answered before the whole request was written, say): read what it said
         data = bytearray()
         while True:
             try:
@@ -137,7 +148,7 @@ def parse_answers(data: bytes) -> list[Answer]:
         for line in lines:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", len(rest)))
+        length = 0 if status < 200 else int(headers.get("content-length", len(rest)))
         body, data = rest[:length], rest[length:]
         if status >= 200:  # a 100 Continue comes before the answer itself
             answers.append(Answer(status, headers, body))
@@ -289,6 +300,262 @@ def test_a_body_shorter_than_its_content_length_is_an_incomplete_body(server, in
     raw.half_close = True  # the stream ends there
     (answer,) = check_answers(server, raw)
     assert answer.status == 400, answer.body
+    error = json.loads(answer.body)["error"]
+    if route_path(raw.path).startswith(PROTOCOL_PREFIXES):
+        assert "Content-Length" in error, error
+    else:
+        assert error["code"] == "incomplete_body", error
+
+
+# -- the fuzz ------------------------------------------------------------------------------
+
+ROUTES = [
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/model"),
+    ("GET", "/v1/model/card"),
+    ("GET", "/v1/labels"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/predict"),
+    ("GET", "/v2"),
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2/models/{name}"),
+    ("GET", "/v2/models/{name}/ready"),
+    ("GET", "/v2/models/{name}/versions/{version}"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready"),
+    ("POST", "/v2/models/{name}/infer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer"),
+    ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/{name}/load"),
+    ("POST", "/v2/repository/models/{name}/unload"),
+    ("GET", "/v1/models/{name}"),
+    ("GET", "/v1/models/{name}/metadata"),
+    ("POST", "/v1/models/{name}:predict"),
+    ("POST", "/v1/models/{name}:classify"),
+    ("POST", "/v1/models/{name}:regress"),
+    ("POST", "/v1/models/{name}/versions/{version}:predict"),
+    ("POST", "/v1/models/{name}/versions/{version}:classify"),
+    ("POST", "/v1/models/{name}/versions/{version}:regress"),
+    ("GET", "/v1/models/{name}/versions/{version}"),
+    ("GET", "/v1/models/{name}/versions/{version}/metadata"),
+    ("GET", "/no/such/route"),
+]
+NOT_UTF8 = [b"\xff\xfe", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf"]
+CONTENT_TYPES = [
+    b"application/json",
+    b"application/json; charset=utf-16",
+    b"application/json; charset=bogus",
+    b"image/jpeg",
+    b"image/png",
+    b"application/octet-stream",
+    b"application/x-www-form-urlencoded",
+    b"text/plain",
+    b"application/xml",
+    b"multipart/form-data",  # no boundary
+    b"multipart/form-data; boundary=",
+    b'multipart/form-data; boundary=""',
+    b"multipart/form-data; boundary=" + b"b" * 300,
+    b"multipart/form-data; boundary=imagerec-boundary; boundary=other",
+    b'multipart/form-data; boundary="imagerec-boundary"',
+    b"multipart/form-data; boundary=imagerec-boundary",
+    b"multipart/form-data; boundary=\xff\xfe",
+    b"image/\xff\xfe",
+    b"",
+]
+CHUNKED = [b"chunked", b"Chunked", b"CHUNKED", b"cHuNkEd", b"gzip, chunked", b" chunked "]
+
+
+@st.composite
+def payloads(draw, version: str) -> Raw:
+    """A request to any route with any body: one of the valid ones, or bytes of any kind, with
+    the route's Content-Type or a wrong one."""
+    kind = draw(st.sampled_from(["valid", "valid", "other", "other", "bytes", "empty"]))
+    if kind == "valid":
+        raw = draw(st.sampled_from(valid_requests(version)))
+        raw = Raw(raw.method, raw.path, list(raw.headers), raw.body)
+        if draw(st.booleans()):  # cut, or with bytes that are not UTF-8 spliced in
+            cut = draw(st.integers(0, len(raw.body)))
+            raw.body = raw.body[:cut] + draw(st.sampled_from([b"", *NOT_UTF8])) + raw.body[cut:]
+    else:
+        method, template = draw(st.sampled_from(ROUTES))
+        name = draw(st.sampled_from(["cifar10", "cifar10", "nope"]))
+        path = template.replace("{name}", name).replace("{version}", version)
+        body = {
+            "other": lambda: draw(st.sampled_from(valid_requests(version))).body,
+            "bytes": lambda: draw(st.binary(max_size=300)) + draw(st.sampled_from(NOT_UTF8)),
+            "empty": lambda: b"",
+        }[kind]()
+        raw = Raw(method, path, [], body)
+    if kind != "valid" or draw(st.integers(0, 3)) == 0:  # a Content-Type of any kind
+        raw.headers = [(n, v) for n, v in raw.headers if n != b"Content-Type"]
+        content_type = draw(st.sampled_from(CONTENT_TYPES))
+        if content_type:
+            raw.headers.append((b"Content-Type", content_type))
+    if draw(st.integers(0, 5)) == 0:
+        raw.method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD"]))
+    return raw
+
+
+@st.composite
+def odd_headers(draw) -> list[tuple[bytes, bytes]]:
+    """Headers beside the framing: huge values, bytes that are not UTF-8, encodings."""
+    headers = []
+    for _ in range(draw(st.integers(0, 3))):
+        what = draw(st.sampled_from(["huge", "not-utf8", "encoding", "v2-length", "expect"]))
+        if what == "huge":
+            value = b"v" * draw(st.sampled_from([1_000, 8_000, 64_000, 300_000, 500_000]))
+            headers.append((b"X-Huge", value))
+        elif what == "not-utf8":
+            name = draw(st.sampled_from([b"X-Bytes", b"Content-Type", b"Accept", b"User-Agent"]))
+            headers.append((name, b"a" + draw(st.sampled_from(NOT_UTF8))))
+        elif what == "encoding":
+            coding = draw(st.sampled_from([b"gzip", b"deflate", b"br", b"identity", b"\xff"]))
+            headers.append((b"Content-Encoding", coding))
+        elif what == "v2-length":
+            length = draw(st.sampled_from([b"0", b"-1", b"99999", b"x", b"18446744073709551616"]))
+            headers.append((b"Inference-Header-Content-Length", length))
+        else:
+            headers.append((b"Expect", draw(st.sampled_from([b"100-continue", b"bogus"]))))
+    return headers
+
+
+def chunk_sizes(body_length: int):
+    return st.lists(st.integers(1, max(1, body_length)), max_size=4)
+
+
+@st.composite
+def framed(draw, raw: Raw) -> Raw:
+    """`raw` with its body framed in any way, well or badly."""
+    body = raw.body
+    headers = [*raw.headers, *draw(odd_headers())]
+    half_close = False
+    how = draw(
+        st.sampled_from(
+            [
+                "length",
+                "short",
+                "long",
+                "not-a-number",
+                "negative",
+                "twice",
+                "chunked",
+                "chunk-extension",
+                "bad-chunk-size",
+                "no-last-chunk",
+                "length-and-chunked",
+                "other-coding",
+                "none",
+            ]
+        )
+    )
+    if how == "length":
+        headers.append((b"Content-Length", b"%d" % len(body)))
+    elif how == "short":  # fewer bytes than announced, then the stream ends
+        headers.append((b"Content-Length", b"%d" % (len(body) + draw(st.integers(1, 5000)))))
+        half_close = True
+    elif how == "long":  # more bytes than announced: the rest is junk after the request
+        cut = draw(st.integers(0, len(body)))
+        headers.append((b"Content-Length", b"%d" % cut))
+        body += draw(st.binary(max_size=40))
+    elif how == "not-a-number":
+        value = draw(st.sampled_from([b"abc", b"1e3", b"0x10", b"+5", b"5 5", b"5,5", b"", b" "]))
+        headers.append((b"Content-Length", value))
+        half_close = True
+    elif how == "negative":
+        headers.append((b"Content-Length", b"-%d" % draw(st.integers(0, 2**70))))
+        half_close = True
+    elif how == "twice":
+        first = draw(st.integers(0, len(body) + 10))
+        second = draw(st.sampled_from([first, len(body), first + 1, 0]))
+        headers += [(b"Content-Length", b"%d" % first), (b"Content-Length", b"%d" % second)]
+        half_close = True
+    elif how in ("chunked", "chunk-extension", "length-and-chunked"):
+        extension = b";name=value" if how == "chunk-extension" else b""
+        trailer = draw(st.sampled_from([b"", b"X-Trailer: yes\r\n"]))
+        body = chunked(body, draw(chunk_sizes(len(body))), extension, trailer)
+        if how == "length-and-chunked":
+            headers.append((b"Content-Length", b"%d" % draw(st.integers(0, len(body) + 10))))
+        headers.append((b"Transfer-Encoding", draw(st.sampled_from(CHUNKED))))
+    elif how == "bad-chunk-size":
+        size = draw(st.sampled_from([b"zz", b"-1", b"", b"ffffffffffffffffffff", b"1 0", b"0x5"]))
+        cut = draw(st.integers(0, len(body)))
+        body = chunked(body[:cut], []).removesuffix(b"0\r\n\r\n") + size + b"\r\n" + body[cut:]
+        headers.append((b"Transfer-Encoding", draw(st.sampled_from(CHUNKED))))
+        half_close = True
+    elif how == "no-last-chunk":
+        body = chunked(body, draw(chunk_sizes(len(body)))).removesuffix(b"0\r\n\r\n")
+        headers.append((b"Transfer-Encoding", draw(st.sampled_from(CHUNKED))))
+        half_close = True
+    elif how == "other-coding":
+        coding = draw(st.sampled_from([b"gzip", b"identity", b"chunked, gzip", b"chunked\xff"]))
+        headers.append((b"Transfer-Encoding", coding))
+        half_close = True
+    # "none": a body with neither header is no body at all in HTTP/1.1; the bytes are junk after
+    return Raw(raw.method, raw.path, headers, body, half_close)
+
+
+@st.composite
+def any_framed_request(draw, version: str) -> Raw:
+    return draw(framed(draw(payloads(version))))
+
+
+FOUND = [
+    # Transfer-Encoding in another letter case: the body was left unread (400 missing_image)
+    (200, Raw("POST", "/v1/models/cifar10:predict", [(b"Content-Type", b"application/json"),
+        (b"Transfer-Encoding", b"CHUNKED")], chunked(b'{"instances": [{"b64": "' +
+        image_b64().encode() + b'"}]}', [5]))),
+    # a body shorter than its Content-Length: what came was read as whole (200)
+    (400, Raw("POST", "/v1/predict", [(b"Content-Type", b"image/jpeg"),
+        (b"Content-Length", b"%d" % (len(IMAGE) + 1))], IMAGE, half_close=True)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "raw"), FOUND, ids=lambda x: f"{x}" if isinstance(x, int) else x.path
+)
+def test_found_framings_stay_fixed(server, status, raw):
+    (answer,) = check_answers(server, raw)
+    assert answer.status == status, answer.body
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_framing_of_any_request_to_any_route(server, data):
+    check_answers(server, data.draw(any_framed_request(server.version)))
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_valid_body_well_framed_in_any_way_is_answered(server, data):
+    raw = data.draw(st.sampled_from(valid_requests(server.version)))
+    sizes = data.draw(chunk_sizes(len(raw.body)))
+    how = data.draw(st.sampled_from(["length", "chunked", "extension", "length-and-chunked"]))
+    if how == "length":
+        raw = with_length(raw, len(raw.body))
+    else:
+        extension = b";a=b" if how == "extension" else b""
+        raw.body = chunked(raw.body, sizes, extension)
+        raw.headers.append((b"Transfer-Encoding", data.draw(st.sampled_from(CHUNKED))))
+        if how == "length-and-chunked":  # Transfer-Encoding wins (RFC 9112 6.3)
+            raw = with_length(raw, data.draw(st.integers(0, len(raw.body))))
+    (answer,) = check_answers(server, raw)
+    assert answer.status == 200, (raw, answer.body[:300])
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_body_cut_short_of_its_content_length_is_incomplete_on_every_body_route(server, data):
+    raw = data.draw(st.sampled_from(valid_requests(server.version)))
+    length = len(raw.body) + data.draw(st.integers(0, 5000))
+    cut = data.draw(st.integers(0, min(len(raw.body), length - 1)))
+    raw = with_length(raw, length)
+    raw.body, raw.half_close = raw.body[:cut], True
+    (answer,) = check_answers(server, raw)
+    assert answer.status == 400, (raw, answer.body[:300])
     error = json.loads(answer.body)["error"]
     if route_path(raw.path).startswith(PROTOCOL_PREFIXES):
         assert "Content-Length" in error, error
