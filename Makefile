@@ -34,10 +34,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks setup.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fuzz suite's properties with many more generated requests (minutes; FUZZ_EXAMPLES each).
+# The fuzz suites' properties with many more generated requests (minutes; FUZZ_EXAMPLES each):
+# requests to the app in process, and framings on the wire to the real server.
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP)
-	IMAGEREC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q
+	IMAGEREC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py tests/test_framing.py -q
 
 # The interpreter that .venv is made with (for .ci/run).
 print-python:

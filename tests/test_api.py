@@ -13,7 +13,7 @@ import pytest
 
 from imagerec.api import LimitedReader, classify_uploads, create_app
 from imagerec.config import Settings
-from imagerec.errors import PayloadTooLarge
+from imagerec.errors import InvalidInput, PayloadTooLarge
 from imagerec.hugcompat import FilePart, hug
 from imagerec.images import decode_image
 from imagerec.predictor import Predictor
@@ -245,6 +245,24 @@ def test_a_body_without_length_is_counted_while_read():
     with pytest.raises(PayloadTooLarge):
         reader.read()
     assert LimitedReader(io.BytesIO(b"x" * 100), limit=100).read() == b"x" * 100
+
+
+class Trickle(io.BytesIO):
+    """A stream that gives at most 7 bytes a read, as PEP 3333 allows a server's input to."""
+
+    def read(self, size=-1):
+        return super().read(7 if size is None or size < 0 else min(size, 7))
+
+
+def test_a_body_that_ends_before_its_content_length_is_incomplete():
+    with pytest.raises(InvalidInput) as raised:
+        LimitedReader(io.BytesIO(b"x" * 60), limit=100, length=80).read(80)
+    assert raised.value.code == "incomplete_body" and "60 of the 80 bytes" in raised.value.message
+    with pytest.raises(InvalidInput):
+        LimitedReader(Trickle(b"x" * 60), limit=100, length=80).read()
+    # Short reads are not the end: a whole body comes whole, however it trickles in.
+    assert LimitedReader(Trickle(b"x" * 80), limit=100, length=80).read(80) == b"x" * 80
+    assert LimitedReader(Trickle(b"x" * 80), limit=100, length=80).read() == b"x" * 80
 
 
 def test_the_accuracy_to_expect_is_that_of_the_answers_as_served():

@@ -270,7 +270,11 @@ class BodySizeLimit:
     """Falcon middleware: 413 before reading a body whose Content-Length is over the limit; a
     chunked body (no Content-Length) read here up to the limit, then handed on with its length,
     so that routes see it as any other body, whichever server is in front; and a counting reader
-    in any case, so no route reads more than the limit."""
+    in any case, so no route reads more than the limit, and a body that ends before its
+    Content-Length is the client's 400 (`incomplete_body`), not a shorter body read as whole.
+
+    The reader is installed as `wsgi.input` too: falcon's `bounded_stream`, which hug's body
+    formats and the protocol routes read, wraps `wsgi.input`, not `request.stream`."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -280,14 +284,23 @@ class BodySizeLimit:
         try:
             if length is not None and length > self.max_bytes:
                 raise _too_large(length, self.max_bytes)
-            if length is None and "chunked" in (request.get_header("Transfer-Encoding") or ""):
+            if length is None and is_chunked(request.get_header("Transfer-Encoding")):
                 data = LimitedReader(request.stream, self.max_bytes).read()
-                request.env["wsgi.input"] = request.stream = io.BytesIO(data)
-                request.env["CONTENT_LENGTH"] = str(len(data))
+                request.stream = io.BytesIO(data)
+                length = len(data)
+                request.env["CONTENT_LENGTH"] = str(length)
         except PayloadTooLarge as exc:
             answer_error(response, exc)
             return
-        request.stream = LimitedReader(request.stream, self.max_bytes)
+        reader = LimitedReader(request.stream, self.max_bytes, length)
+        request.env["wsgi.input"] = request.stream = reader
+
+
+def is_chunked(transfer_encoding: str | None) -> bool:
+    """Whether a Transfer-Encoding header says the body is chunked: its last coding, in any
+    letter case (RFC 9112 6.1: codings are case-insensitive; clients send "Chunked" too)."""
+    codings = (transfer_encoding or "").split(",")
+    return codings[-1].strip().lower() == "chunked"
 
 
 def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
@@ -296,19 +309,33 @@ def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
 
 
 class LimitedReader:
-    """A file-like reader that raises PayloadTooLarge once more than `limit` bytes are read."""
+    """A file-like reader of a request body: PayloadTooLarge once more than `limit` bytes are
+    read, and InvalidInput (`incomplete_body`) if the stream ends before `length` bytes (its
+    Content-Length) have come: a front may hand on a body cut short (Granian does, when the
+    client closes early) as if it were whole."""
 
-    def __init__(self, stream, limit: int):
+    def __init__(self, stream, limit: int, length: int | None = None):
         self._stream = stream
         self._limit = limit
+        self._length = length
         self._count = 0
 
     def read(self, size: int = -1) -> bytes:
         allowed = self._limit - self._count + 1  # one byte more tells "over" from "exactly at"
-        data = self._stream.read(allowed if size is None or size < 0 else min(size, allowed))
+        wanted = allowed if size is None or size < 0 else min(size, allowed)
+        data = self._stream.read(wanted)
+        # PEP 3333 lets a read return less than asked before the end: ask again, so that a
+        # short read below means the end of the stream.
+        while data and len(data) < wanted and self._count + len(data) < (self._length or 0):
+            more = self._stream.read(wanted - len(data))
+            if not more:
+                break
+            data += more
         self._count += len(data)
         if self._count > self._limit:
             raise _too_large(None, self._limit)
+        if len(data) < wanted:
+            self._check_complete()
         return data
 
     def readline(self, size: int = -1) -> bytes:
@@ -316,7 +343,17 @@ class LimitedReader:
         self._count += len(line)
         if self._count > self._limit:
             raise _too_large(None, self._limit)
+        if not line and size != 0:
+            self._check_complete()
         return line
+
+    def _check_complete(self) -> None:
+        if self._length is not None and self._count < self._length:
+            raise InvalidInput(
+                f"the request body ended after {self._count:,} of the {self._length:,} bytes "
+                "its Content-Length announced",
+                code="incomplete_body",
+            )
 
 
 class ErrorShape:
