@@ -131,11 +131,13 @@ def classify_on_ray(
     `actors` classifiers (0: one a CPU of the cluster), each computing on one ONNX Runtime
     thread. An actor reserves `actor_cpus` of a CPU and a decode task `decode_cpus`, so decode
     tasks always fit beside a full pool: with whole CPUs, a pool that took every CPU would leave
-    the decode tasks none, and the run would wait forever. Half a CPU each lets as many decode
-    tasks run as there are actors, which photo-sized images need (their decoding costs several
-    times the model); measured against 0.75 and 0.25 on 2 cores, it was faster for CIFAR-sized
-    images too. Each stage takes up to `ray_batch` images a batch; the model, `batch_size` at a
-    time."""
+    the decode tasks none, and the run would wait forever. With the same reservation for both
+    (half a CPU each, the default), Ray Data fuses the decode stage into the actors' processes:
+    each actor reads, decodes and classifies its batch, so as many batches decode at once as
+    there are actors (which photo-sized images need: their decoding costs several times the
+    model) and the pixels never cross the object store. Measured against 0.75 and 0.25 on 2
+    cores, it was faster for CIFAR-sized and photo-sized images alike. Each stage takes up to
+    `ray_batch` images a batch; the model, `batch_size` at a time."""
     import time
 
     import pyarrow as pa
