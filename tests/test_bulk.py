@@ -195,7 +195,7 @@ def test_a_run_killed_with_sigkill_resumes_without_duplicates_or_gaps(
     # many ahead; one decode thread keeps it slow enough on any machine.
     command = [
         sys.executable, "-m", "imagerec.cli", "classify", str(BUNDLED), str(many_images),
-        "--out", str(out), "--batch-size", "8", "--commit-every", "16", "--decode-threads", "1",
+        "--out", str(out), "--batch-size", "8", "--commit-every", "16", "--threads", "1",
     ]  # fmt: skip
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -194,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("-k", "--top-k", type=int, default=None)
     classify.add_argument("--batch-size", type=int, default=None, metavar="N")
-    classify.add_argument("--decode-threads", type=int, default=None, metavar="N")
+    classify.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local engine: threads that each read, decode and classify a batch (default: one "
+        "a core; more where reading waits on a network file system)",
+    )
     classify.add_argument(
         "--commit-every",
         type=int,
@@ -433,7 +440,7 @@ def cmd_classify(args) -> int:
         engine=args.model_engine,
         top_k=args.top_k,
         classify_batch=args.batch_size,
-        decode_threads=args.decode_threads,
+        classify_threads=args.threads,
         commit_rows=args.commit_every,
         ray_actors=args.ray_actors,
     )
@@ -445,7 +452,7 @@ def cmd_classify(args) -> int:
         model_engine=settings.engine,
         top_k=settings.top_k,
         batch_size=settings.classify_batch,
-        decode_threads=settings.decode_threads,
+        threads=settings.classify_threads,
         commit_rows=settings.commit_rows,
         max_pixels=settings.max_pixels,
         ray_actors=settings.ray_actors,

@@ -46,10 +46,10 @@ class Settings:
     http_cores: int = 1  # CPUs the Python threads share (0: no limit); the model keeps them all
     top_k: int = 3
     engine: str = "auto"  # auto, tensorflow, onnx or onnx-int8 (imagerec.engines)
-    # imagerec classify (imagerec.bulk): images a forward pass, decode threads (0: one a core),
+    # imagerec classify (imagerec.bulk): images a forward pass, threads (0: one a core),
     # images a commit holds (what a killed run can lose), Ray actors (0: one a cluster CPU).
     classify_batch: int = 64
-    decode_threads: int = 0
+    classify_threads: int = 0
     commit_rows: int = 8192
     ray_actors: int = 0
     cache_dir: Path = field(default_factory=_default_cache)
