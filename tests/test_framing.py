@@ -36,29 +36,20 @@ examples (IMAGEREC_FUZZ_EXAMPLES). Inputs that once failed are kept as explicit 
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_routes import FUZZ, PROTOCOL_PREFIXES, ROUTES
 from live_server import running_server
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "cifar10"
 IMAGE = (Path(__file__).parent / "fixtures" / "samples" / "dog.jpg").read_bytes()
-PROTOCOL_PREFIXES = ("/v2", "/v1/models/")
 TIMEOUT_S = 20  # a server that neither answers nor closes within this has hung
-
-EXAMPLES = int(os.environ.get("IMAGEREC_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    derandomize=EXAMPLES <= 150,  # the suite's bounded run is the same every time
-)
 
 
 @dataclass
@@ -309,41 +300,6 @@ def test_a_body_shorter_than_its_content_length_is_an_incomplete_body(server, in
 
 # -- the fuzz ------------------------------------------------------------------------------
 
-ROUTES = [
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/"),
-    ("GET", "/openapi.json"),
-    ("GET", "/v1/model"),
-    ("GET", "/v1/model/card"),
-    ("GET", "/v1/labels"),
-    ("GET", "/v1/models"),
-    ("POST", "/v1/predict"),
-    ("GET", "/v2"),
-    ("GET", "/v2/health/live"),
-    ("GET", "/v2/health/ready"),
-    ("GET", "/v2/models/{name}"),
-    ("GET", "/v2/models/{name}/ready"),
-    ("GET", "/v2/models/{name}/versions/{version}"),
-    ("GET", "/v2/models/{name}/versions/{version}/ready"),
-    ("POST", "/v2/models/{name}/infer"),
-    ("POST", "/v2/models/{name}/versions/{version}/infer"),
-    ("POST", "/v2/repository/index"),
-    ("POST", "/v2/repository/models/{name}/load"),
-    ("POST", "/v2/repository/models/{name}/unload"),
-    ("GET", "/v1/models/{name}"),
-    ("GET", "/v1/models/{name}/metadata"),
-    ("POST", "/v1/models/{name}:predict"),
-    ("POST", "/v1/models/{name}:classify"),
-    ("POST", "/v1/models/{name}:regress"),
-    ("POST", "/v1/models/{name}/versions/{version}:predict"),
-    ("POST", "/v1/models/{name}/versions/{version}:classify"),
-    ("POST", "/v1/models/{name}/versions/{version}:regress"),
-    ("GET", "/v1/models/{name}/versions/{version}"),
-    ("GET", "/v1/models/{name}/versions/{version}/metadata"),
-    ("GET", "/no/such/route"),
-]
 NOT_UTF8 = [b"\xff\xfe", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf"]
 CONTENT_TYPES = [
     b"application/json",

@@ -16,59 +16,20 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import struct
 
 import cv2
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fuzz_routes import FUZZ, PROTOCOL_PREFIXES, ROUTES
 from imagerec.api import create_app
 from imagerec.config import Settings
 from imagerec.hugcompat import falcon
 from imagerec.repository import ModelRepository
 from tiny_bundle import SAMPLES
 
-EXAMPLES = int(os.environ.get("IMAGEREC_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    derandomize=EXAMPLES <= 150,  # the suite's bounded run is the same every time
-)
-PROTOCOL_PREFIXES = ("/v2", "/v1/models/")
-ROUTES = [
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/"),
-    ("GET", "/openapi.json"),
-    ("GET", "/v1/model"),
-    ("GET", "/v1/model/card"),
-    ("GET", "/v1/labels"),
-    ("GET", "/v1/models"),
-    ("POST", "/v1/predict"),
-    ("GET", "/v2"),
-    ("GET", "/v2/health/live"),
-    ("GET", "/v2/health/ready"),
-    ("GET", "/v2/models/{name}"),
-    ("GET", "/v2/models/{name}/ready"),
-    ("GET", "/v2/models/{name}/versions/{version}"),
-    ("POST", "/v2/models/{name}/infer"),
-    ("POST", "/v2/models/{name}/versions/{version}/infer"),
-    ("POST", "/v2/repository/index"),
-    ("POST", "/v2/repository/models/{name}/load"),
-    ("POST", "/v2/repository/models/{name}/unload"),
-    ("GET", "/v1/models/{name}"),
-    ("GET", "/v1/models/{name}/metadata"),
-    ("POST", "/v1/models/{name}:predict"),
-    ("POST", "/v1/models/{name}:classify"),
-    ("POST", "/v1/models/{name}:regress"),
-    ("POST", "/v1/models/{name}/versions/{version}:predict"),
-    ("GET", "/no/such/route"),
-    ("DELETE", "/v1/predict"),
-]
 CONTENT_TYPES = [
     "application/json",
     "application/x-www-form-urlencoded",
