@@ -544,6 +544,8 @@ def classify(
     check_sources(sources)
     if batch_size < 1 or commit_rows < 1:
         raise InvalidInput("the batch size and the rows a commit holds must be at least 1")
+    if threads < 0:
+        raise InvalidInput("--threads must be at least 1 (or 0: one a core)", code="usage")
     if engine == "ray":
         from imagerec.bulk_ray import classify_on_ray
 
