@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imagerec.engines import usable_cores
 from imagerec.errors import ImagerecError, InvalidInput
 from imagerec.images import IMAGE_SUFFIXES, load_image
 
@@ -211,8 +212,6 @@ class Rows:
         self._score.append(score)
 
     def extend(self, other: Rows) -> None:
-        if not self.labels:
-            self.labels, self.k = other.labels, other.k
         self.path.extend(other.path)
         self.error.extend(other.error)
         self._top.extend(other._top)
@@ -582,11 +581,6 @@ def classify(
 
 
 # The local engine -----------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
 
 
 def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -87,9 +87,14 @@ def native_thread_ids() -> frozenset[int]:
     return frozenset(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else frozenset()
 
 
-def cores_each(workers: int) -> int:
-    """This process's CPUs divided among `workers` concurrent calls (at least one each)."""
+def usable_cores() -> int:
+    """The CPUs this process may run on (at least one)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers))
+    return max(1, cores or 1)
+
+
+def cores_each(workers: int) -> int:
+    """This process's CPUs divided among `workers` concurrent calls (at least one each)."""
+    return max(1, usable_cores() // max(1, workers))
