@@ -44,8 +44,10 @@ def test_the_bundled_int8_model_agrees_with_tensorflow_on_the_samples(samples):
     bundle = Bundle.load(BUNDLED)
     tensorflow = open_engine(bundle, "tensorflow")(samples)
     int8 = open_engine(bundle, "onnx-int8")(samples)
+    # On whatever CPU runs this: on one without VNNI, weights quantised in 8 bits saturate
+    # (the bundled model was right on 45% of images there), so they are quantised in 7.
     assert (int8.argmax(1) == tensorflow.argmax(1)).all()
-    assert np.abs(int8 - tensorflow).max() < 0.05
+    assert np.abs(int8 - tensorflow).max() < 0.06  # 7-bit weights: 0.051 on an AVX2 EPYC
     np.testing.assert_allclose(int8.sum(axis=1), 1.0, atol=1e-4)
 
 

@@ -121,6 +121,11 @@ def quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
                 per_channel=True,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
+                # Weights in 7 bits: CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) sum
+                # pairs of 8-bit products into 16 bits, which saturate with full-range weights.
+                # The bundled model was right on 45% of 2,000 training images on an AVX2 AMD EPYC
+                # (TensorFlow 99.8%); with 7-bit weights, on 99.85%.
+                reduce_range=True,
                 # Percentile (99.999) clips the rare outliers that min/max spends range on:
                 # top-1 agreement 99.1% -> 99.2% on a held-out split (README, "Engines").
                 calibrate_method=CalibrationMethod.Percentile,
