@@ -19,6 +19,7 @@ import pytest
 
 from imagerec.bulk import classify, iter_sources
 from imagerec.cli import main
+from imagerec.errors import InvalidInput
 from imagerec.images import load_image
 from imagerec.predictor import Predictor
 
@@ -148,8 +149,8 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     assert "--threads must be at least 1" in refused(
         str(archive), "--out", csv_out, "--threads", "-1"
     )
-    assert "the ray engine writes Parquet" in refused(
-        str(archive), "--out", csv_out, "--engine", "ray"
+    assert "--ray-actors must be at least 1" in refused(
+        str(archive), "--out", csv_out, "--engine", "ray", "--ray-actors", "-2"
     )
     (tmp_path / "taken.parquet").write_text("someone else's file")
     assert "is a file" in refused(str(archive), "--out", str(tmp_path / "taken.parquet"))
@@ -290,3 +291,15 @@ def test_the_ray_engine_gives_the_local_engines_table(local_ray, archive, tmp_pa
     more = classify(BUNDLED, [str(archive), str(extra)], out, engine="ray")
     assert (more.written, more.skipped) == (1, 84)
     assert pq.read_table(out).num_rows == 85
+    # The rows stream back to this process, which writes any of the local engine's formats.
+    lines = tmp_path / "ray.jsonl"
+    assert classify(BUNDLED, [str(archive)], lines, engine="ray", progress=False).written == 84
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert {r["path"]: (r["label"], r["error"]) for r in records} == {
+        p: (r["label"], r["error"]) for p, r in want.items()
+    }
+
+
+def test_the_ray_engine_refuses_more_actors_than_the_cluster_holds(local_ray, archive, tmp_path):
+    with pytest.raises(InvalidInput, match="ask for fewer --ray-actors or --threads"):
+        classify(BUNDLED, [str(archive)], tmp_path / "r.parquet", engine="ray", ray_actors=8)

@@ -8,8 +8,9 @@ Two engines run the same decode (images.load_image) and the same Predictor:
   every `commit_rows` images (or `commit_s` seconds). Memory stays bounded whatever the count:
   the window of batches, one uncommitted chunk of rows, and 8 bytes per image already done (a
   hash of its path, for resuming).
-- `ray` (imagerec.bulk_ray) runs it on Ray Data: decode in `map_batches` tasks, classify in an
-  actor pool that loads the bundle once per actor, write Parquet.
+- `ray` (imagerec.bulk_ray) runs it on Ray Data: decode in a `map_batches` stage, classify in
+  an actor pool that loads the bundle once per actor; the rows stream back and are committed
+  here as the local engine's are.
 
 Outputs commit atomically, so a run killed at any instant is resumed by the same command:
 what is committed is skipped, what is not is done again, and no row is written twice.
@@ -545,6 +546,8 @@ def classify(
         raise InvalidInput("the batch size and the rows a commit holds must be at least 1")
     if threads < 0:
         raise InvalidInput("--threads must be at least 1 (or 0: one a core)", code="usage")
+    if ray_actors < 0:
+        raise InvalidInput("--ray-actors must be at least 1 (or 0: the default)", code="usage")
     if engine == "ray":
         from imagerec.bulk_ray import classify_on_ray
 
@@ -556,7 +559,10 @@ def classify(
             top_k=top_k,
             batch_size=batch_size,
             actors=ray_actors,
+            threads=threads,
+            commit_rows=commit_rows,
             max_pixels=max_pixels,
+            progress=progress,
         )
     if engine != "local":
         raise InvalidInput(f"the engine must be local or ray, not {engine!r}", code="usage")
@@ -633,15 +639,8 @@ def classify_local(
     # Batches queued or under way: enough that a thread never waits for the next.
     window = 2 * threads
 
-    stop_counting = threading.Event()
     bar = _progress_bar(progress, already)
-    counter = threading.Thread(
-        target=lambda: _set_total(bar, count_sources(sources, stop_counting)),
-        name="imagerec-count",
-        daemon=True,
-    )
-    if bar is not None:
-        counter.start()
+    stop_counting = _count_in_background(bar, sources)
 
     def classify_batch(paths: list[str]) -> Rows:
         pixels, ok, errors = decode_batch(paths, size, max_pixels)
@@ -712,6 +711,19 @@ def _progress_bar(enabled: bool, initial: int):
     return tqdm(
         total=None, initial=initial, desc="classify", unit="img", file=sys.stderr, disable=None
     )
+
+
+def _count_in_background(bar, sources: list[str]) -> threading.Event:
+    """Count the sources in a thread and give the bar its total (and so an ETA) when done;
+    setting the event returned stops the count."""
+    stop = threading.Event()
+    if bar is not None:
+        threading.Thread(
+            target=lambda: _set_total(bar, count_sources(sources, stop)),
+            name="imagerec-count",
+            daemon=True,
+        ).start()
+    return stop
 
 
 def _set_total(bar, total: int | None) -> None:

@@ -1,35 +1,40 @@
 """The `ray` engine of `imagerec classify`: the same decode and Predictor on Ray Data.
 
-Ray Data's batch inference pattern: the paths become a dataset, `map_batches` tasks read and
-decode them (images.load_image, as the local engine), an actor pool classifies (each actor loads
-the bundle once), and the rows are written as Parquet. `ray.init()` joins the cluster that
-`RAY_ADDRESS` names (as under `ray job submit`), or starts one on this machine. Paths must be
-readable where the tasks run: on a cluster, a file system that every node mounts.
+Ray Data's batch inference pattern: the paths become a dataset, a `map_batches` stage reads and
+decodes them (images.load_image, as the local engine), an actor pool classifies (each actor loads
+the bundle once), and the rows stream back to this process, which writes them into `--out` as
+the local engine does: any of its formats, committed every `commit_rows` images, so a killed run
+loses at most what was not committed and the same command resumes. `ray.init()` joins the
+cluster that `RAY_ADDRESS` names (as under `ray job submit`), or starts one on this machine.
+Paths must be readable where the tasks run: on a cluster, a file system that every node mounts;
+the output only needs to be writable here.
 
-The output is the local engine's Parquet folder: Ray writes into a hidden staging folder inside
-it, and the files become parts once the whole dataset is written, `chunk` images at a time, so a
-killed run loses at most the chunk under way and the same command resumes.
+An actor is a node's worth of work: it runs `threads` batches at once (default: the CPUs of the
+smallest node), each read, decoded and classified on one core in an ONNX Runtime session of its
+own, as the local engine's threads do. A Ray worker process costs seconds of CPU to start (it
+imports Ray Data), so one process a node, not one a CPU, keeps that cost off small runs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
+import time
 from pathlib import Path
 
 import numpy as np
 
 from imagerec.bulk import (
     BulkResult,
-    ParquetFolder,
+    Rows,
+    _commit,
+    _count_in_background,
+    _progress_bar,
     batched,
     checked_top_k,
     decode_batch,
     iter_sources,
-    output_format,
-    ranked_rows,
+    open_sink,
     skip_done,
 )
 from imagerec.errors import ImagerecError, InvalidInput
@@ -65,13 +70,22 @@ def start_ray(ray) -> bool:
     return True
 
 
+def node_cpus(ray) -> list[int]:
+    """The CPUs of each live node of the cluster."""
+    return [
+        int(node["Resources"].get("CPU", 0))
+        for node in ray.nodes()
+        if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1
+    ] or [1]
+
+
 def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -> dict:
-    """A map_batches task: {"path"} -> paths, pixels at the input size, and errors."""
+    """A map_batches stage: {"path"} -> paths, pixels at the input size, and errors."""
     import cv2
 
     from imagerec.images import DEFAULT_MAX_PIXELS
 
-    # Ray runs a task a CPU it grants; OpenCV's own threads on top of that only compete.
+    # Each batch is decoded on one core; OpenCV's own threads on top of that only compete.
     cv2.setNumThreads(1)
     paths = [str(p) for p in batch["path"]]
     pixels, ok, errors = decode_batch(paths, size, max_pixels or DEFAULT_MAX_PIXELS)
@@ -88,27 +102,45 @@ def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -
 
 
 class RayClassifier:
-    """An actor of the pool: the bundle loaded once, then batches of decoded pixels to rows."""
+    """An actor of the pool: the bundle loaded once, with a session for each of the `threads`
+    batches it runs at once; decoded batches in, each row's top k out (as columns)."""
 
     def __init__(self, bundle: str, engine: str, threads: int, top_k: int, batch_size: int):
         from imagerec.predictor import Predictor
 
         self.predictor = Predictor.from_path(
-            bundle, max_batch=batch_size, engine=engine, threads=threads
+            bundle, max_batch=batch_size, engine=engine, workers=threads, threads=1
         )
         self.k = top_k
 
-    def __call__(self, batch: dict):
-        codes = [str(c) for c in batch["error_code"]]
-        ok = np.array([c == "" for c in codes], bool)
-        errors = {
-            i: {"code": c, "message": str(batch["error_message"][i])}
-            for i, c in enumerate(codes)
-            if c
-        }
+    def __call__(self, batch: dict) -> dict:
+        codes = batch["error_code"].astype(str)
+        ok = codes == ""
         probs = self.predictor.predict_arrays(batch["pixels"][ok])
-        paths = [str(p) for p in batch["path"]]
-        return ranked_rows(paths, probs, ok, errors, self.predictor.labels, self.k).to_arrow()
+        top = np.zeros((len(ok), self.k), np.int64)
+        score = np.zeros((len(ok), self.k), np.float64)
+        if len(probs):
+            order = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
+            top[ok] = order
+            score[ok] = np.take_along_axis(probs, order, axis=1)
+        return {
+            "path": batch["path"],
+            "top": top,
+            "score": score,
+            "error_code": codes,
+            "error_message": batch["error_message"],
+        }
+
+
+def rows_of(batch: dict, labels: list[str], k: int) -> Rows:
+    """The Rows of one batch that came back from the actors."""
+    errors = [
+        {"code": str(code), "message": str(message)} if code else None
+        for code, message in zip(batch["error_code"], batch["error_message"], strict=True)
+    ]
+    rows = Rows(labels, k)
+    rows.add([str(p) for p in batch["path"]], batch["top"], batch["score"], errors)
+    return rows
 
 
 def classify_on_ray(
@@ -120,63 +152,55 @@ def classify_on_ray(
     top_k: int = 3,
     batch_size: int = 64,
     actors: int = 0,
-    actor_cpus: float = 0.5,
-    decode_cpus: float = 0.5,
+    threads: int = 0,
+    commit_rows: int = 8192,
+    commit_s: float = 10.0,
     max_pixels: int | None = None,
+    progress: bool = True,
     chunk: int = 200_000,
     ray_batch: int = 1024,
 ) -> BulkResult:
-    """Label the sources' images into the Parquet folder `out` on Ray Data.
+    """Label the sources' images into `out` on Ray Data, skipping what `out` already holds.
 
-    `actors` classifiers (0: one a CPU of the cluster), each computing on one ONNX Runtime
-    thread. An actor reserves `actor_cpus` of a CPU and a decode task `decode_cpus`, so decode
-    tasks always fit beside a full pool: with whole CPUs, a pool that took every CPU would leave
-    the decode tasks none, and the run would wait forever. With the same reservation for both
-    (half a CPU each, the default), Ray Data fuses the decode stage into the actors' processes:
-    each actor reads, decodes and classifies its batch, so as many batches decode at once as
-    there are actors (which photo-sized images need: their decoding costs several times the
-    model) and the pixels never cross the object store. Measured against 0.75 and 0.25 on 2
-    cores, it was faster for CIFAR-sized and photo-sized images alike. Each stage takes up to
-    `ray_batch` images a batch; the model, `batch_size` at a time."""
-    import time
-
-    import pyarrow as pa
-
+    `actors` classifiers (0: as many as the cluster's CPUs hold `threads` each), each running
+    `threads` batches at once (0: the CPUs of the smallest node). The decode stage and the actors
+    ask Ray for the same share of a CPU, so Ray Data fuses decoding into the actors' processes
+    (the pixels never cross the object store), and that share is half of what the actor uses, so
+    that decode tasks still find room on a version of Ray that would not fuse them. Each stage
+    takes up to `ray_batch` images a batch, cut finer for a small run so that every thread has
+    several; the model runs `batch_size` at a time. A dataset covers up to `chunk` paths, which
+    bounds the memory of this process."""
     from imagerec.bundle import Bundle
     from imagerec.engines import choose_engine
 
-    if output_format(out) != ".parquet":
-        raise InvalidInput(
-            "the ray engine writes Parquet: --out must end in .parquet", code="usage"
-        )
     ray = import_ray()
     start = time.monotonic()
     loaded = Bundle.load(bundle, keras_model=False)
     engine = choose_engine(loaded, model_engine)
-    checked_top_k(top_k, loaded.labels)
+    k = checked_top_k(top_k, loaded.labels)
     model = {"name": loaded.name, "version": loaded.version, "engine": engine}
-    sink = ParquetFolder(out, model)
+    sink = open_sink(out, model)
     already, done = sink.done()
     result = BulkResult(out, skipped=already, model=loaded.name, engine=f"ray/{engine}")
     started = start_ray(ray)
+    bar = _progress_bar(progress, already)
+    stop_counting = _count_in_background(bar, sources)
     try:
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        pool = actors or max(1, int(cpus))
-        if pool * actor_cpus + 2 * decode_cpus > cpus:
+        nodes = node_cpus(ray)
+        threads = threads or min(nodes)
+        pool = actors or max(1, sum(nodes) // threads)
+        share = threads / 2
+        if (pool + 1) * share > sum(nodes):
             raise InvalidInput(
-                f"{pool} actors reserve {pool * actor_cpus:g} of the cluster's {cpus:g} CPUs, "
-                "leaving the decode tasks too few: ask for fewer --ray-actors",
+                f"{pool} actors of {threads} threads ask for more than the cluster's "
+                f"{sum(nodes)} CPUs: ask for fewer --ray-actors or --threads",
                 code="usage",
             )
-        for stale in out.glob(".ray-*"):  # a killed run's staging folder
-            shutil.rmtree(stale, ignore_errors=True)
+        import pyarrow as pa
+
+        pending, last_commit = Rows(loaded.labels, k), time.monotonic()
         for paths in batched(skip_done(iter_sources(sources), done), chunk):
-            staging = out / f".ray-{uuid.uuid4().hex}"
-            # A block of paths is one batch of each stage: Ray Data's cost a batch (scheduling,
-            # moving it between stages) is spread over up to `ray_batch` images, while the
-            # Predictor still runs `batch_size` at a time inside the actor. A small chunk is cut
-            # finer, so that every actor has some of it.
-            step = max(1, min(ray_batch, -(-len(paths) // (2 * pool))))
+            step = max(1, min(ray_batch, -(-len(paths) // (4 * pool * threads))))
             dataset = ray.data.from_arrow(
                 [
                     pa.table({"path": pa.array(paths[i : i + step], pa.string())})
@@ -188,41 +212,44 @@ def classify_on_ray(
                 fn_kwargs={"size": loaded.preprocess.input_size, "max_pixels": max_pixels},
                 batch_size=step,
                 batch_format="numpy",
-                num_cpus=decode_cpus,
+                num_cpus=share,
             )
             labelled = decoded.map_batches(
                 RayClassifier,
                 fn_constructor_kwargs={
                     "bundle": str(Path(bundle).resolve()),
                     "engine": engine,
-                    "threads": 1,
-                    "top_k": top_k,
+                    "threads": threads,
+                    "top_k": k,
                     "batch_size": batch_size,
                 },
                 batch_size=step,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=pool),
-                num_cpus=actor_cpus,
+                compute=ray.data.ActorPoolStrategy(
+                    size=pool,
+                    max_concurrent_calls_per_actor=threads,
+                    enable_true_multi_threading=True,
+                    max_tasks_in_flight_per_actor=2 * threads,
+                ),
+                num_cpus=share,
             )
-            # Writing is light work: with a whole CPU asked, it waits for the actors to finish.
-            labelled.write_parquet(str(staging), ray_remote_args={"num_cpus": decode_cpus})
-            parts = sink.adopt(sorted(staging.glob("*.parquet")))
-            shutil.rmtree(staging, ignore_errors=True)
-            result.written += len(paths)
-            _count_errors(parts, result)
+            for batch in labelled.iter_batches(batch_size=None, batch_format="numpy"):
+                rows = rows_of(batch, loaded.labels, k)
+                pending.extend(rows)
+                if bar is not None:
+                    bar.update(len(rows))
+                now = time.monotonic()
+                if len(pending) >= commit_rows or now - last_commit >= commit_s:
+                    _commit(sink, pending, result)
+                    pending, last_commit = Rows(loaded.labels, k), now
+        if len(pending):
+            _commit(sink, pending, result)
+        sink.finish()
     finally:
+        stop_counting.set()
+        if bar is not None:
+            bar.close()
         if started:
             ray.shutdown()
     result.seconds = time.monotonic() - start
     return result
-
-
-def _count_errors(parts: list[Path], result: BulkResult) -> None:
-    """Add the error rows of the new `parts` to `result`, by code."""
-    import pyarrow.parquet as pq
-
-    for part in parts:
-        for error in pq.read_table(part, columns=["error"]).column("error").to_pylist():
-            if error is not None:
-                result.errors += 1
-                result.error_codes[error["code"]] = result.error_codes.get(error["code"], 0) + 1

@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="local engine: threads that each read, decode and classify a batch (default: one "
-        "a core; more where reading waits on a network file system)",
+        help="threads that each read, decode and classify a batch: local engine, in all "
+        "(default: one a core; more where reading waits on a network file system); ray "
+        "engine, in each actor (default: the CPUs of the smallest node)",
     )
     classify.add_argument(
         "--commit-every",
@@ -209,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="images a commit holds (default 8192, or 10 s of work)",
     )
-    classify.add_argument("--ray-actors", type=int, default=None, metavar="N")
+    classify.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ray engine: actors in the pool (default: the cluster's CPUs over --threads)",
+    )
     classify.add_argument(
         "--model-engine",
         choices=["auto", "tensorflow", "onnx", "onnx-int8"],
