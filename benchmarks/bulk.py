@@ -12,12 +12,13 @@ them; the table gives medians over the rounds and each round's ratios. The limit
 predictor on the same files in one process, decoding included, and nothing else; the model
 alone on pre-decoded arrays is given beside it. Peak memory is the
 proportional set size (PSS) of the measured process and all its descendants (Ray's GCS,
-raylet and workers included), sampled every 0.2 s. Writes benchmarks/results/bulk.md.
+raylet and workers included), sampled every second. Writes benchmarks/results/bulk.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -98,16 +99,11 @@ def child_limit(paths_file: str, model: str, batch: int) -> dict:
 
 
 def child_classify(folder: str, model: str, out: str, engine: str, batch: int) -> dict:
-    """`imagerec classify` through its library call, as the command runs it."""
+    """`imagerec classify` through its library call, as the command runs it. For the ray
+    engine, the parent's RAY_ADDRESS names a running cluster, or, unset, the call starts (and
+    stops) its own, as the command does."""
     from imagerec.bulk import classify
 
-    ray_start_s = None
-    if engine == "ray":  # started apart: a cluster that is already up is the common case
-        import ray
-
-        start = time.perf_counter()
-        ray.init(include_dashboard=False, logging_level="WARNING")
-        ray_start_s = time.perf_counter() - start
     started = time.time()
     result = classify(model, [folder], out, engine=engine, batch_size=batch, progress=False)
     return {
@@ -115,7 +111,6 @@ def child_classify(folder: str, model: str, out: str, engine: str, batch: int) -
         "errors": result.errors,
         "rate": result.images_per_s,
         "seconds": result.seconds,
-        "ray_start_s": ray_start_s,
         "window": [started, time.time()],
     }
 
@@ -178,22 +173,33 @@ def wait_for_quiet(limit_cores: float = 0.3, longest_s: float = 20) -> float:
             return busy
 
 
-def measure(args: list[str], timeout: float = 1800) -> dict:
-    """Run this script as a child with `args`; its JSON answer, plus the tree's peak PSS."""
+def measure(args: list[str], timeout: float = 1800, cluster: RayCluster | None = None) -> dict:
+    """Run this script as a child with `args`; its JSON answer, plus the tree's peak PSS. With
+    a `cluster`, the child joins it (RAY_ADDRESS), and its processes count as the child's."""
     command = [sys.executable, __file__, "--child", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("RAY_ADDRESS", None)
+    if cluster is not None:
+        env["RAY_ADDRESS"] = cluster.address
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak, done = 0, threading.Event()
     samples: list[tuple[float, float, float]] = []  # (time, tree CPU s, machine busy s)
     seen: dict[int, float] = {}
 
     def sample():
+        # Every 0.5 s, PSS every 1 s: reading smaps_rollup walks a process's page tables, and
+        # at 0.2 s over Ray's dozen processes this sampler took 0.3 of the 2 cores.
         nonlocal peak
-        while not done.wait(0.2):
+        tick = 0
+        while not done.wait(0.5):
             tree = process_tree(process.pid)
+            for root in cluster.roots if cluster is not None else ():
+                tree.update(process_tree(root))
             seen.update(tree)  # a process's last reading stands once it has exited
             samples.append((time.time(), sum(seen.values()), machine_busy_s()))
-            peak = max(peak, tree_pss_kb(tree))
+            tick += 1
+            if tick % 2:
+                peak = max(peak, tree_pss_kb(tree))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -213,6 +219,41 @@ def measure(args: list[str], timeout: float = 1800) -> dict:
         # What other users' processes took meanwhile, in cores: the machine's busy time less ours.
         answer["others_cores"] = max(0.0, (last[2] - first[2] - ours) / max(last[0] - first[0], 1))
     return answer
+
+
+class RayCluster:
+    """A Ray cluster on this machine, started as a user starts one (`ray start --head`) and
+    joined by each ray run through RAY_ADDRESS, as `ray job submit` runs jobs on it."""
+
+    def __init__(self, work: Path):
+        self.work = work
+
+    def __enter__(self) -> RayCluster:
+        ray = str(Path(sys.executable).with_name("ray"))
+        before = set(process_tree(1))
+        subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                f"--num-cpus={os.cpu_count()}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                "--port=6390",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        # "auto": the cluster `ray start` last started here, with the token it made (an
+        # address given as host:port is refused for want of that token).
+        self.address = "auto"
+        # Its daemons (GCS, raylet, monitors); the workers they start are their descendants.
+        self.roots = sorted(set(process_tree(1)) - before)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray, "stop", "--force"], capture_output=True)
 
 
 def make_photos(cifar: Path, out: Path, count: int, size=(768, 1024)) -> Path:
@@ -247,31 +288,40 @@ def run_set(name: str, folder: Path, model: str, rounds: int, kinds: list[str], 
     paths_file.write_text("\n".join(paths) + "\n")
     results: dict[str, list[dict]] = {kind: [] for kind in ["limit", *kinds]}
     loads = []
-    for r in range(rounds):
-        loads.append(load_average())
-        print(f"{name} round {r + 1}: load {loads[-1]}", file=sys.stderr, flush=True)
+
+    def classify(kind: str, source: Path, cluster=None, label=True) -> dict:
         wait_for_quiet()
-        results["limit"].append(measure(["limit", str(paths_file), model, str(BATCH)]))
-        print(f"  limit {results['limit'][-1]}", file=sys.stderr, flush=True)
-        for kind in kinds:
-            wait_for_quiet()
-            with tempfile.TemporaryDirectory(dir=work) as tmp:
-                out = Path(tmp) / "results.parquet"
-                answer = measure(["classify", str(folder), model, str(out), kind, str(BATCH)])
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            out = Path(tmp) / "results.parquet"
+            answer = measure(
+                ["classify", str(source), model, str(out), kind, str(BATCH)], cluster=cluster
+            )
+            if label:
                 answer["labels"] = labels_of(out)
-            results[kind].append(answer)
-            print(f"  {kind} {answer | {'labels': '...'}}", file=sys.stderr, flush=True)
-        if "ray" in kinds:
-            # Ray's cost a run whatever its size (the actor pool starting, the plan, the staged
-            # write), measured on one batch's worth of images from a list.
+        print(f"  {kind} {answer | {'labels': '...'}}", file=sys.stderr, flush=True)
+        return answer
+
+    few = work / f"{name}-few.txt"
+    few.write_text("\n".join(paths[:BATCH]) + "\n")
+    if "ray" in kinds:
+        # No cluster: the command starts Ray on this machine, and stops it, itself.
+        results["ray_alone"] = [classify("ray", folder)]
+    with RayCluster(work) if "ray" in kinds else contextlib.nullcontext() as cluster:
+        if cluster is not None:
+            # The first job on a fresh cluster also starts Ray Data's own actors, which stay.
+            results["ray_first"] = [classify("ray", few, cluster, label=False)]
+        for r in range(rounds):
+            loads.append(load_average())
+            print(f"{name} round {r + 1}: load {loads[-1]}", file=sys.stderr, flush=True)
             wait_for_quiet()
-            with tempfile.TemporaryDirectory(dir=work) as tmp:
-                few = Path(tmp) / "few.txt"
-                few.write_text("\n".join(paths[:BATCH]) + "\n")
-                out = Path(tmp) / "results.parquet"
-                answer = measure(["classify", str(few), model, str(out), "ray", str(BATCH)])
-            results.setdefault("ray_few", []).append(answer)
-            print(f"  ray, {BATCH} images {answer}", file=sys.stderr, flush=True)
+            results["limit"].append(measure(["limit", str(paths_file), model, str(BATCH)]))
+            print(f"  limit {results['limit'][-1]}", file=sys.stderr, flush=True)
+            for kind in kinds:
+                results[kind].append(classify(kind, folder, cluster if kind == "ray" else None))
+            if cluster is not None:
+                # Ray's cost a job whatever its size (joining, the actor pool starting, the
+                # plan), measured on one batch's worth of images from a list.
+                results.setdefault("ray_few", []).append(classify("ray", few, cluster, False))
     return {"name": name, "images": len(paths), "results": results, "loads": loads}
 
 
@@ -359,7 +409,7 @@ def table_for(data: dict) -> list[str]:
         f"| model alone (pre-decoded) | {model_only:,.0f} | | 100% | {model_rounds} | "
         f"{lim_cpu:.3f} | | | |"
     )
-    for kind in [k for k in results if k not in ("limit", "ray_few")]:
+    for kind in [k for k in ("local", "ray") if k in results]:
         runs = results[kind]
         rate = statistics.median(r["rate"] for r in runs)
         per_round = ", ".join(
@@ -371,40 +421,44 @@ def table_for(data: dict) -> list[str]:
             for r, lr in zip(runs, results["limit"], strict=True)
         )
         peak = statistics.median(r["peak_mb"] for r in runs)
-        same = ""
-        if local_labels is not None:
-            labels = runs[0]["labels"]
-            agree = sum(labels.get(p) == label for p, label in local_labels.items())
-            same = f"{agree:,} / {len(local_labels):,}"
-        name = {"local": "local engine", "ray": "ray engine (cluster up)"}[kind]
+        name = {"local": "local engine", "ray": "ray engine, a job on a running cluster"}[kind]
         cpu = statistics.median(r["cpu_ms"] for r in runs)
         lines.append(
             f"| {name} | {rate:,.0f} | {rate / limit:.0%} (rounds' median {ratio:.0%}) | "
             f"{rate / model_only:.0%} | {per_round} | {cpu:.3f} | {others(runs)} | "
-            f"{peak:,.0f} MB | {same} |"
+            f"{peak:,.0f} MB | {same_labels(runs, local_labels)} |"
         )
-        if kind == "ray":
-            start = statistics.median(r["ray_start_s"] for r in runs)
-            whole = statistics.median(r["images"] / (r["seconds"] + r["ray_start_s"]) for r in runs)
-            lines.append(
-                f"| ray engine, starting its local cluster ({start:.1f} s) | {whole:,.0f} | "
-                f"{whole / limit:.0%} | {whole / model_only:.0%} | | | | | |"
-            )
-            if "ray_few" in results:
-                # A run's fixed cost, from a run of one batch; the rate of the rest beyond it.
-                fixed = statistics.median(r["seconds"] for r in results["ray_few"])
-                beyond = [
-                    (r["images"] - BATCH) / max(r["seconds"] - fixed, 1e-9)
-                    for r in runs
-                    if r["seconds"] > fixed
-                ]
-                if beyond:
-                    steady = statistics.median(beyond)
-                    lines.append(
-                        f"| ray engine beyond its cost a run ({fixed:.1f} s, the time of a "
-                        f"{BATCH}-image run) | {steady:,.0f} | {steady / limit:.0%} | "
-                        f"{steady / model_only:.0%} | | | | | |"
-                    )
+        if kind != "ray":
+            continue
+        for key, title in [
+            ("ray_alone", "ray engine, no cluster: the command starts and stops its own"),
+        ]:
+            if key in results:
+                run = results[key][0]
+                lines.append(
+                    f"| {title} ({run['seconds']:.1f} s) | {run['rate']:,.0f} | "
+                    f"{run['rate'] / limit:.0%} | {run['rate'] / model_only:.0%} | | "
+                    f"{run['cpu_ms']:.3f} | {others([run])} | {run['peak_mb']:,.0f} MB | "
+                    f"{same_labels([run], local_labels)} |"
+                )
+        if "ray_few" in results:
+            # A job's fixed cost, from a job of one batch; the rate of the rest beyond it.
+            fixed = statistics.median(r["seconds"] for r in results["ray_few"])
+            first = results["ray_first"][0]["seconds"] if "ray_first" in results else None
+            beyond = [
+                (r["images"] - BATCH) / max(r["seconds"] - fixed, 1e-9)
+                for r in runs
+                if r["seconds"] > fixed
+            ]
+            if beyond:
+                steady = statistics.median(beyond)
+                rounds = ", ".join(f"{r['seconds']:.1f}" for r in results["ray_few"])
+                first_text = f"; the cluster's first job {first:.1f} s" if first else ""
+                lines.append(
+                    f"| ray engine beyond its cost a job ({fixed:.1f} s, the time of a "
+                    f"{BATCH}-image job: {rounds}{first_text}) | {steady:,.0f} | "
+                    f"{steady / limit:.0%} | {steady / model_only:.0%} | | | | | |"
+                )
     lines += [
         "",
         "Per round: images/s and, in brackets, the ratio to that round's limit (measured just "
@@ -413,6 +467,15 @@ def table_for(data: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def same_labels(runs: list[dict], local_labels: dict | None) -> str:
+    """How many of the local engine's labels the first of `runs` gave too."""
+    if local_labels is None or "labels" not in runs[0]:
+        return ""
+    labels = runs[0]["labels"]
+    agree = sum(labels.get(p) == label for p, label in local_labels.items())
+    return f"{agree:,} / {len(local_labels):,}"
 
 
 def others(runs: list[dict]) -> str:
