@@ -650,8 +650,7 @@ def classify_local(
     # OpenCV's own threads would compete with the pool, which already uses every core.
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    pending = Rows(predictor.labels, k)
-    last_commit = time.monotonic()
+    committer = Committer(sink, result, bar, predictor.labels, k, commit_rows, commit_s)
     in_flight: deque[Future] = deque()
     try:
         with ThreadPoolExecutor(threads, "imagerec-classify") as pool:
@@ -667,17 +666,8 @@ def classify_local(
                     in_flight.append(pool.submit(classify_batch, paths))
                 if not in_flight:
                     break
-                rows = in_flight.popleft().result()
-                pending.extend(rows)
-                if bar is not None:
-                    bar.update(len(rows))
-                now = time.monotonic()
-                if len(pending) >= commit_rows or now - last_commit >= commit_s:
-                    _commit(sink, pending, result)
-                    pending, last_commit = Rows(predictor.labels, k), now
-            if len(pending):
-                _commit(sink, pending, result)
-            sink.finish()
+                committer.add(in_flight.popleft().result())
+            committer.finish()
     finally:
         for future in in_flight:
             future.cancel()
@@ -691,13 +681,38 @@ def classify_local(
     return result
 
 
-def _commit(sink, rows: Rows, result: BulkResult) -> None:
-    sink.commit(rows)
-    result.written += len(rows)
-    for error in rows.error:
-        if error is not None:
-            result.errors += 1
-            result.error_codes[error["code"]] = result.error_codes.get(error["code"], 0) + 1
+class Committer:
+    """Rows gathered as batches finish, committed to the sink every `commit_rows` images or
+    `commit_s` seconds, and counted into the run's result and progress bar."""
+
+    def __init__(self, sink, result: BulkResult, bar, labels, k: int, rows: int, seconds: float):
+        self.sink, self.result, self.bar = sink, result, bar
+        self.labels, self.k, self.rows, self.seconds = labels, k, rows, seconds
+        self.pending, self.last = Rows(labels, k), time.monotonic()
+
+    def add(self, rows: Rows) -> None:
+        self.pending.extend(rows)
+        if self.bar is not None:
+            self.bar.update(len(rows))
+        now = time.monotonic()
+        if len(self.pending) >= self.rows or now - self.last >= self.seconds:
+            self._commit()
+            self.last = now
+
+    def finish(self) -> None:
+        if len(self.pending):
+            self._commit()
+        self.sink.finish()
+
+    def _commit(self) -> None:
+        rows, self.pending = self.pending, Rows(self.labels, self.k)
+        self.sink.commit(rows)
+        self.result.written += len(rows)
+        for error in rows.error:
+            if error is not None:
+                self.result.errors += 1
+                codes = self.result.error_codes
+                codes[error["code"]] = codes.get(error["code"], 0) + 1
 
 
 def _progress_bar(enabled: bool, initial: int):

@@ -26,8 +26,8 @@ import numpy as np
 
 from imagerec.bulk import (
     BulkResult,
+    Committer,
     Rows,
-    _commit,
     _count_in_background,
     _progress_bar,
     batched,
@@ -198,7 +198,7 @@ def classify_on_ray(
             )
         import pyarrow as pa
 
-        pending, last_commit = Rows(loaded.labels, k), time.monotonic()
+        committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
         for paths in batched(skip_done(iter_sources(sources), done), chunk):
             step = max(1, min(ray_batch, -(-len(paths) // (4 * pool * threads))))
             dataset = ray.data.from_arrow(
@@ -234,17 +234,8 @@ def classify_on_ray(
                 num_cpus=share,
             )
             for batch in labelled.iter_batches(batch_size=None, batch_format="numpy"):
-                rows = rows_of(batch, loaded.labels, k)
-                pending.extend(rows)
-                if bar is not None:
-                    bar.update(len(rows))
-                now = time.monotonic()
-                if len(pending) >= commit_rows or now - last_commit >= commit_s:
-                    _commit(sink, pending, result)
-                    pending, last_commit = Rows(loaded.labels, k), now
-        if len(pending):
-            _commit(sink, pending, result)
-        sink.finish()
+                committer.add(rows_of(batch, loaded.labels, k))
+        committer.finish()
     finally:
         stop_counting.set()
         if bar is not None:
