@@ -225,15 +225,13 @@ class RayCluster:
     """A Ray cluster on this machine, started as a user starts one (`ray start --head`) and
     joined by each ray run through RAY_ADDRESS, as `ray job submit` runs jobs on it."""
 
-    def __init__(self, work: Path):
-        self.work = work
+    ray = str(Path(sys.executable).with_name("ray"))  # the command beside this Python
 
     def __enter__(self) -> RayCluster:
-        ray = str(Path(sys.executable).with_name("ray"))
         before = set(process_tree(1))
         subprocess.run(
             [
-                ray,
+                self.ray,
                 "start",
                 "--head",
                 f"--num-cpus={os.cpu_count()}",
@@ -252,8 +250,7 @@ class RayCluster:
         return self
 
     def __exit__(self, *exc) -> None:
-        ray = str(Path(sys.executable).with_name("ray"))
-        subprocess.run([ray, "stop", "--force"], capture_output=True)
+        subprocess.run([self.ray, "stop", "--force"], capture_output=True)
 
 
 def make_photos(cifar: Path, out: Path, count: int, size=(768, 1024)) -> Path:
@@ -306,7 +303,7 @@ def run_set(name: str, folder: Path, model: str, rounds: int, kinds: list[str], 
     if "ray" in kinds:
         # No cluster: the command starts Ray on this machine, and stops it, itself.
         results["ray_alone"] = [classify("ray", folder)]
-    with RayCluster(work) if "ray" in kinds else contextlib.nullcontext() as cluster:
+    with RayCluster() if "ray" in kinds else contextlib.nullcontext() as cluster:
         if cluster is not None:
             # The first job on a fresh cluster also starts Ray Data's own actors, which stay.
             results["ray_first"] = [classify("ray", few, cluster, label=False)]
@@ -430,17 +427,14 @@ def table_for(data: dict) -> list[str]:
         )
         if kind != "ray":
             continue
-        for key, title in [
-            ("ray_alone", "ray engine, no cluster: the command starts and stops its own"),
-        ]:
-            if key in results:
-                run = results[key][0]
-                lines.append(
-                    f"| {title} ({run['seconds']:.1f} s) | {run['rate']:,.0f} | "
-                    f"{run['rate'] / limit:.0%} | {run['rate'] / model_only:.0%} | | "
-                    f"{run['cpu_ms']:.3f} | {others([run])} | {run['peak_mb']:,.0f} MB | "
-                    f"{same_labels([run], local_labels)} |"
-                )
+        if "ray_alone" in results:
+            run = results["ray_alone"][0]
+            lines.append(
+                f"| ray engine, no cluster: the command starts and stops its own "
+                f"({run['seconds']:.1f} s) | {run['rate']:,.0f} | {run['rate'] / limit:.0%} | "
+                f"{run['rate'] / model_only:.0%} | | {run['cpu_ms']:.3f} | {others([run])} | "
+                f"{run['peak_mb']:,.0f} MB | {same_labels([run], local_labels)} |"
+            )
         if "ray_few" in results:
             # A job's fixed cost, from a job of one batch; the rate of the rest beyond it.
             fixed = statistics.median(r["seconds"] for r in results["ray_few"])

@@ -290,15 +290,22 @@ def ranked_rows(
     paths: list[str], probs: np.ndarray, ok: np.ndarray, errors: dict[int, dict], labels, k: int
 ) -> Rows:
     """Rows for one batch: `probs` holds a row for each path where `ok`, in order."""
-    top = np.zeros((len(paths), k), np.int64)
-    score = np.zeros((len(paths), k), np.float64)
+    top, score = top_k_columns(probs, ok, k)
+    rows = Rows(labels, k)
+    rows.add(paths, top, score, [errors.get(i) for i in range(len(paths))])
+    return rows
+
+
+def top_k_columns(probs: np.ndarray, ok: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class indices, scores) of each row's top k, best first, an (n, k) array each for the n
+    rows of the mask `ok`; `probs` holds a row for each row where `ok`, zeros elsewhere."""
+    top = np.zeros((len(ok), k), np.int64)
+    score = np.zeros((len(ok), k), np.float64)
     if len(probs):
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top[ok] = order
         score[ok] = np.take_along_axis(probs, order, axis=1)
-    rows = Rows(labels, k)
-    rows.add(paths, top, score, [errors.get(i) for i in range(len(paths))])
-    return rows
+    return top, score
 
 
 def checked_top_k(top_k: int, labels: list[str]) -> int:

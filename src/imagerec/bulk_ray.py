@@ -36,6 +36,7 @@ from imagerec.bulk import (
     iter_sources,
     open_sink,
     skip_done,
+    top_k_columns,
 )
 from imagerec.errors import ImagerecError, InvalidInput
 
@@ -117,12 +118,7 @@ class RayClassifier:
         codes = batch["error_code"].astype(str)
         ok = codes == ""
         probs = self.predictor.predict_arrays(batch["pixels"][ok])
-        top = np.zeros((len(ok), self.k), np.int64)
-        score = np.zeros((len(ok), self.k), np.float64)
-        if len(probs):
-            order = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
-            top[ok] = order
-            score[ok] = np.take_along_axis(probs, order, axis=1)
+        top, score = top_k_columns(probs, ok, self.k)
         return {
             "path": batch["path"],
             "top": top,
