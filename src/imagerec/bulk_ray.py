@@ -163,8 +163,9 @@ def classify_on_ray(
     ask Ray for the same share of a CPU, so Ray Data fuses decoding into the actors' processes
     (the pixels never cross the object store), and that share is half of what the actor uses, so
     that decode tasks still find room on a version of Ray that would not fuse them. Each stage
-    takes up to `ray_batch` images a batch, cut finer for a small run so that every thread has
-    several; the model runs `batch_size` at a time. A dataset covers up to `chunk` paths, which
+    takes up to `ray_batch` images a batch, cut finer (to 16 at least) for a smaller run so that
+    every thread has about 16: a batch of photos is seconds of work, and the threads that finish
+    their last ones early leave cores idle; the model runs `batch_size` at a time. A dataset covers up to `chunk` paths, which
     bounds the memory of this process."""
     from imagerec.bundle import Bundle
     from imagerec.engines import choose_engine
@@ -192,16 +193,13 @@ def classify_on_ray(
                 f"{sum(nodes)} CPUs: ask for fewer --ray-actors or --threads",
                 code="usage",
             )
-        import pyarrow as pa
-
         committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
         for paths in batched(skip_done(iter_sources(sources), done), chunk):
-            step = max(1, min(ray_batch, -(-len(paths) // (4 * pool * threads))))
-            dataset = ray.data.from_arrow(
-                [
-                    pa.table({"path": pa.array(paths[i : i + step], pa.string())})
-                    for i in range(0, len(paths), step)
-                ]
+            step = max(1, min(ray_batch, max(16, -(-len(paths) // (16 * pool * threads)))))
+            # from_items builds the blocks here; from_arrow would run a Ray task a block for
+            # their metadata, and have Ray start worker processes (seconds of CPU each) for it.
+            dataset = ray.data.from_items(
+                [{"path": path} for path in paths], override_num_blocks=-(-len(paths) // step)
             )
             decoded = dataset.map_batches(
                 decode_for_ray,
