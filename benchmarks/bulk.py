@@ -1,12 +1,13 @@
 """Bulk classification benchmark: `imagerec classify` on the local engine and on Ray Data,
 against the in-process limit of the same predictor, for CIFAR-sized and photo-sized JPEGs.
 
-    python benchmarks/bulk.py --data /tmp/cifar10/train [--photos 2000] [--rounds 3]
+    python benchmarks/bulk.py --data /tmp/cifar10/train [--photos 2000,5000] [--rounds 3]
 
 `--data` is a folder of CIFAR-10 JPEGs (the 50,000 shared training images, extracted outside
-the repository). The photo-sized set (`--photos` JPEGs of 1024x768, made from CIFAR images
-scaled up with grain added, so that they compress and decode like photographs) is written
-under `--work` once and reused. Every measurement runs in a fresh process, the kinds in turn
+the repository). The photo-sized sets (`--photos`: a set of that many JPEGs of 1024x768 for
+each count, made from CIFAR images scaled up with grain added, so that they compress and decode
+like photographs) are written under `--work` once and reused. A Ray job costs seconds whatever
+its size, so more than one count shows how that cost fades as the set grows. Every measurement runs in a fresh process, the kinds in turn
 within a round (limit, local, ray), so that a change in the machine's load falls on all of
 them; the table gives medians over the rounds and each round's ratios. The limit is the same
 predictor on the same files in one process, decoding included, and nothing else; the model
@@ -490,7 +491,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder of CIFAR-10 JPEGs")
     parser.add_argument("--model", default=str(ROOT / "models" / "cifar10"))
-    parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument(
+        "--photos", default="2000,5000", help="photo-sized sets to make, by count (comma-separated)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imagerec-bulk")
     parser.add_argument("--no-ray", action="store_true")
@@ -503,16 +506,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     kinds = ["local"] if args.no_ray else ["local", "ray"]
     chosen = args.sets.split(",")
-    photos = (
-        make_photos(args.data, args.work / "photos", args.photos) if "photos" in chosen else None
-    )
+    todo = [("CIFAR-sized JPEGs (32x32)", "cifar", args.data)] if "cifar" in chosen else []
+    if "photos" in chosen:
+        for count in (int(n) for n in args.photos.split(",")):
+            folder = make_photos(args.data, args.work / f"photos-{count}", count)
+            todo.append((f"Photo-sized JPEGs (1024x768), {count:,}", f"photos-{count}", folder))
     sets = []
-    for title, name, folder in [
-        ("CIFAR-sized JPEGs (32x32)", "cifar", args.data),
-        ("Photo-sized JPEGs (1024x768)", "photos", photos),
-    ]:
-        if name not in chosen:
-            continue
+    for title, name, folder in todo:
         data = run_set(name, folder, args.model, args.rounds, kinds, args.work)
         data["title"] = title
         sets.append(data)
