@@ -7,13 +7,13 @@ against the in-process limit of the same predictor, for CIFAR-sized and photo-si
 the repository). The photo-sized sets (`--photos`: a set of that many JPEGs of 1024x768 for
 each count, made from CIFAR images scaled up with grain added, so that they compress and decode
 like photographs) are written under `--work` once and reused. A Ray job costs seconds whatever
-its size, so more than one count shows how that cost fades as the set grows. Every measurement runs in a fresh process, the kinds in turn
-within a round (limit, local, ray), so that a change in the machine's load falls on all of
-them; the table gives medians over the rounds and each round's ratios. The limit is the same
-predictor on the same files in one process, decoding included, and nothing else; the model
-alone on pre-decoded arrays is given beside it. Peak memory is the
-proportional set size (PSS) of the measured process and all its descendants (Ray's GCS,
-raylet and workers included), sampled every second. Writes benchmarks/results/bulk.md.
+its size, so more than one count shows how that cost fades as the set grows. Every measurement
+runs in a fresh process, the kinds in turn within a round (limit, local, ray), so that a change
+in the machine's load falls on all of them; the table gives medians over the rounds and each
+round's ratios. The limit is the same predictor on the same files in one process, decoding
+included, and nothing else; the model alone on pre-decoded arrays is given beside it. Peak
+memory is the proportional set size (PSS) of the measured process and all its descendants
+(Ray's GCS, raylet and workers included), sampled every second. Writes benchmarks/results/bulk.md.
 """
 
 from __future__ import annotations

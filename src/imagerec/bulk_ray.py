@@ -165,8 +165,8 @@ def classify_on_ray(
     that decode tasks still find room on a version of Ray that would not fuse them. Each stage
     takes up to `ray_batch` images a batch, cut finer (to 16 at least) for a smaller run so that
     every thread has about 16: a batch of photos is seconds of work, and the threads that finish
-    their last ones early leave cores idle; the model runs `batch_size` at a time. A dataset covers up to `chunk` paths, which
-    bounds the memory of this process."""
+    their last ones early leave cores idle. The model runs `batch_size` at a time. A dataset
+    covers up to `chunk` paths, which bounds the memory of this process."""
     from imagerec.bundle import Bundle
     from imagerec.engines import choose_engine
 
