@@ -195,7 +195,7 @@ def classify_on_ray(
             )
         committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
         for paths in batched(skip_done(iter_sources(sources), done), chunk):
-            step = max(1, min(ray_batch, max(16, -(-len(paths) // (16 * pool * threads)))))
+            step = min(ray_batch, max(16, -(-len(paths) // (16 * pool * threads))))
             # from_items builds the blocks here; from_arrow would run a Ray task a block for
             # their metadata, and have Ray start worker processes (seconds of CPU each) for it.
             dataset = ray.data.from_items(
