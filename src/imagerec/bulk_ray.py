@@ -84,10 +84,11 @@ def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -
     """A map_batches stage: {"path"} -> paths, pixels at the input size, and errors."""
     import cv2
 
-    from imagerec.images import DEFAULT_MAX_PIXELS
+    from imagerec.images import DEFAULT_MAX_PIXELS, hold_decode_buffers
 
     # Each batch is decoded on one core; OpenCV's own threads on top of that only compete.
     cv2.setNumThreads(1)
+    hold_decode_buffers()  # as the local engine: the process's next image reuses these pages
     paths = [str(p) for p in batch["path"]]
     pixels, ok, errors = decode_batch(paths, size, max_pixels or DEFAULT_MAX_PIXELS)
     full = np.zeros((len(paths), size[0], size[1], 3), np.uint8)

@@ -223,6 +223,40 @@ def load_image(
     return resize_image(image, size) if size else image
 
 
+_decode_buffers_held = False
+
+
+def hold_decode_buffers(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
+    """Have the C library's malloc keep freed decode buffers for the next image (glibc).
+
+    Decoding a photo takes megabytes of buffers (4.6 MB for a 1024x768 JPEG), freed once it is
+    resized. By default glibc hands a heap's free top back to the kernel as soon as it exceeds
+    twice the largest block seen, so each image faults its buffers' pages in again: about 1,100
+    page faults a 1024x768 JPEG, 40% of its decode CPU on the machine measured (7.5 ms against
+    4.4; see benchmarks/results/bulk.md). Blocks up to `mmap_mb` (32 MB is glibc's ceiling: about a
+    10-megapixel image) now come from the heap, and up to `trim_mb` free at its top stays
+    there, a bound on what a thread's heap keeps beyond what it uses. Process-wide and for good;
+    for processes that decode many images (bulk runs). True if it took effect; False where the
+    C library has no mallopt (not glibc), which changes nothing but the speed."""
+    global _decode_buffers_held
+    if _decode_buffers_held:
+        return True
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    # Setting either turns glibc's adjusting of both off, so both are set, the mmap one first.
+    held = bool(mallopt(m_mmap_threshold, mmap_mb << 20)) and bool(
+        mallopt(m_trim_threshold, trim_mb << 20)
+    )
+    _decode_buffers_held = held
+    return held
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """Encode an RGB uint8 array as PNG bytes (fixtures, tests and the web page's samples)."""
     ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
