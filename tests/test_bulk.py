@@ -246,6 +246,40 @@ def test_without_ray_the_message_says_how_to_install_it(archive, tmp_path, monke
     assert not out.exists()
 
 
+class FakeRay:
+    """Ray's init and is_initialized, recording the environment init was called in."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **options):
+        self.calls.append((options, os.environ.get("RAY_USAGE_STATS_ENABLED")))
+
+
+@pytest.mark.parametrize(
+    ("address", "user_choice", "sent"), [(None, None, "0"), (None, "1", "1"), ("auto", None, None)]
+)
+def test_a_cluster_started_for_the_command_sends_no_usage_statistics_unless_asked(
+    monkeypatch, address, user_choice, sent
+):
+    """Its own cluster: the dashboard off, and Ray's usage statistics off unless the user's
+    environment turns them on; a cluster joined through RAY_ADDRESS is left as its owner set it."""
+    from imagerec.bulk_ray import start_ray
+
+    for name, value in (("RAY_ADDRESS", address), ("RAY_USAGE_STATS_ENABLED", user_choice)):
+        monkeypatch.setenv(name, value or "")  # so that what start_ray sets is undone after
+        if value is None:
+            monkeypatch.delenv(name)
+    ray = FakeRay()
+    assert start_ray(ray) is True
+    [(options, seen)] = ray.calls
+    assert seen == sent
+    assert ("include_dashboard" in options) == (address is None)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance of 2 CPUs for this module's Ray tests; skipped only where Ray cannot
