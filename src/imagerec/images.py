@@ -232,8 +232,8 @@ def hold_decode_buffers(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
     Decoding a photo takes megabytes of buffers (4.6 MB for a 1024x768 JPEG), freed once it is
     resized. By default glibc hands a heap's free top back to the kernel as soon as it exceeds
     twice the largest block seen, so each image faults its buffers' pages in again: about 1,100
-    page faults a 1024x768 JPEG, 40% of its decode CPU on the machine measured (7.5 ms against
-    4.4; see benchmarks/results/bulk.md). Blocks up to `mmap_mb` (32 MB is glibc's ceiling: about a
+    page faults a 1024x768 JPEG, 40% of its decode CPU on the machine measured (7.1 ms against
+    4.3; see benchmarks/results/bulk.md). Blocks up to `mmap_mb` (32 MB is glibc's ceiling: about a
     10-megapixel image) now come from the heap, and up to `trim_mb` free at its top stays
     there, a bound on what a thread's heap keeps beyond what it uses. Process-wide and for good;
     for processes that decode many images (bulk runs). True if it took effect; False where the
