@@ -291,3 +291,34 @@ def test_the_bundled_model_shows_its_recipes_estimate():
     accuracy = hug.test.get(api, "/v1/model").data["accuracy"]
     assert accuracy["kind"] == "estimate" and accuracy["runs"] == 3
     assert 0.85 < accuracy["value"] < 0.95 and "train_cifar10.md" in accuracy["source"]
+
+
+def test_a_photo_is_decoded_scaled_and_answered_as_bulk_and_predict_decode_it(
+    api, predictor, tmp_path
+):
+    """A 1024x768 upload for a 32x32 model is decoded at an eighth of its size, on every route
+    (native, and the protocols' shared path), as `imagerec classify` and `predict` decode a
+    file: the same pixels, so the same scores."""
+    import cv2
+    import numpy as np
+
+    from imagerec.images import encode_jpeg, jpeg_scale, load_image
+    from imagerec.protocols.common import prepare_encoded
+
+    small = decode_image(SAMPLES[0].read_bytes())
+    photo = cv2.resize(small, (1024, 768), interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode_jpeg(photo, 85))
+    assert jpeg_scale(1024, 768, predictor.input_size) == 8
+    pixels = load_image(path, predictor.input_size)
+    probs = predictor.predict_arrays(pixels[None])[0]
+    response = hug.test.post(
+        api, "/v1/predict", body=path.read_bytes(), headers={"content-type": "image/jpeg"}, top_k=3
+    )
+    assert response.status.startswith("200"), response.data
+    [result] = response.data["results"]
+    best = np.argsort(-probs)[:3]
+    assert [item["label"] for item in result["top_k"]] == [predictor.labels[i] for i in best]
+    assert [item["score"] for item in result["top_k"]] == pytest.approx(probs[best], abs=1e-6)
+    [prepared] = prepare_encoded(predictor, [path.read_bytes()], SETTINGS.max_pixels)
+    assert np.array_equal(prepared, pixels)

@@ -276,11 +276,13 @@ def test_bytes_after_the_jpeg_end_marker_are_accepted(photo):
         decode_image(cut)
 
 
-def exif_oriented_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
-    """A 20x40 JPEG, left half red, with an EXIF orientation tag; and its RGB pixels as stored
-    (JPEG blurs the colours at the edge between the halves)."""
-    bgr = np.zeros((20, 40, 3), np.uint8)
-    bgr[:, :20] = (0, 0, 255)
+def exif_oriented_jpeg(
+    orientation: int, height: int = 20, width: int = 40
+) -> tuple[bytes, np.ndarray]:
+    """A 20x40 JPEG (or height x width), left half red, with an EXIF orientation tag; and its
+    RGB pixels as stored (JPEG blurs the colours at the edge between the halves)."""
+    bgr = np.zeros((height, width, 3), np.uint8)
+    bgr[:, : width // 2] = (0, 0, 255)
     data = encode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 100])
     entry = struct.pack(">HHII", 274, 3, 1, orientation << 16)  # Orientation, SHORT, 1 value
     tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + entry + struct.pack(">I", 0)
@@ -312,10 +314,12 @@ import resource, sys
 import imagerec.images as images
 
 def faults_per_decode(path):
-    images.load_image(path, (32, 32))  # the first call's own allocations aside
+    # (224, 224): decoded whole, as for a model of that input size (no scaled decode of a
+    # 1024x768 JPEG leaves twice that)
+    images.load_image(path, (224, 224))  # the first call's own allocations aside
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     for _ in range(10):
-        images.load_image(path, (32, 32))
+        images.load_image(path, (224, 224))
     return (resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / 10
 
 as_it_comes = faults_per_decode(sys.argv[1])
@@ -344,3 +348,81 @@ def test_held_decode_buffers_spare_a_photo_its_page_faults(tmp_path):
     # The decoded image alone is 2.4 MB, about 580 pages of 4 kB.
     assert as_it_comes > 500, answer
     assert held < as_it_comes / 10, answer
+
+
+# A large JPEG that will be shrunk is decoded at a fraction of its size
+
+
+def textured_photo(height: int, width: int) -> np.ndarray:
+    """BGR pixels with edges and fine detail: blocks of colour over noise."""
+    rng = np.random.default_rng(1)
+    blocks = cv2.resize(
+        rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), (width, height), cv2.INTER_NEAREST
+    )
+    noise = rng.integers(-40, 41, (height, width, 3))
+    return np.clip(blocks.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "size, fit, scale",
+    [
+        ((768, 1024), (32, 32), 8),  # a photo for a CIFAR-sized model: 128x96 is 2x 32 and more
+        ((768, 1024), (224, 224), 1),  # 384 is not twice 224: decoded whole
+        ((3024, 4032), (224, 224), 4),  # a phone photo for a 224 model: 756 >= 448
+        ((120, 1000), (32, 32), 1),  # a strip: its short side decides
+        ((500, 400), (64, 32), 2),  # a fit that is not square: its long side decides
+        ((64, 64), (32, 32), 1),  # 64 is not more than twice 32 at scale 2
+    ],
+)
+def test_jpeg_scale_leaves_twice_the_fit_either_way_round(size, fit, scale):
+    height, width = size
+    assert images.jpeg_scale(width, height, fit) == scale
+    assert images.jpeg_scale(width, height, None) == 1
+
+
+@pytest.mark.parametrize("rgb_flag", [True, False], ids=["IMREAD_COLOR_RGB", "older OpenCV"])
+def test_a_large_jpeg_is_decoded_scaled_and_resizes_to_nearly_the_same_pixels(
+    monkeypatch, rgb_flag
+):
+    if rgb_flag and images._JPEG_RGB is None:
+        pytest.skip("this OpenCV has no IMREAD_COLOR_RGB")
+    if not rgb_flag:
+        monkeypatch.setattr(images, "_JPEG_RGB", None)
+        monkeypatch.setattr(images, "_JPEG_FLAGS", cv2.IMREAD_COLOR)
+    data = encode(".jpg", textured_photo(768, 1024), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    whole = decode_image(data)
+    scaled = decode_image(data, fit=(32, 32))
+    assert whole.shape == (768, 1024, 3)
+    assert scaled.shape == (96, 128, 3)  # an eighth each way
+    shrunk_whole = resize_image(whole, (32, 32))
+    shrunk_scaled = resize_image(scaled, (32, 32))
+    difference = np.abs(shrunk_scaled.astype(int) - shrunk_whole.astype(int))
+    # The same colours in the same places (not swapped channels, not shifted), within a few
+    # levels where blocks meet, within one level of 255 on average.
+    assert difference.mean() < 1.0, difference.mean()
+    assert difference.max() <= 12, difference.max()
+
+
+def test_scaled_decoding_keeps_the_exif_orientation():
+    data, _ = exif_oriented_jpeg(6, 160, 320)  # stored 160 high, displayed 320 high
+    image = decode_image(data, fit=(16, 16))  # 160 // 4 = 40 >= 2 x 16: a quarter each way
+    assert image.shape == (80, 40, 3)
+    # the red half (stored on the left) ends up on top, and red is channel 0
+    assert image[:36, :, 0].min() > 200 and image[:36, :, 2].max() < 60
+    assert image[44:].max() < 60
+
+
+def test_formats_other_than_jpeg_are_decoded_whole_whatever_the_fit():
+    pixels = textured_photo(300, 400)
+    for ext in (".png", ".webp", ".bmp"):
+        assert decode_image(encode(ext, pixels), fit=(32, 32)).shape == (300, 400, 3)
+
+
+def test_load_image_decodes_scaled_to_the_same_result_as_decode_then_resize(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode(".jpg", textured_photo(768, 1024), [cv2.IMWRITE_JPEG_QUALITY, 90]))
+    loaded = load_image(path, (32, 32))
+    assert loaded.shape == (32, 32, 3)
+    assert np.array_equal(
+        loaded, resize_image(decode_image(path.read_bytes(), fit=(32, 32)), (32, 32))
+    )

@@ -405,7 +405,7 @@ def cmd_predict(args) -> int:
     output, failures = [], 0
     for path in images:
         try:
-            prediction = predictor.classify([load_image(path)], args.top_k)[0]
+            prediction = predictor.classify([load_image(path, predictor.input_size)], args.top_k)[0]
         except ImagerecError as exc:
             failures += 1
             output.append(

@@ -149,15 +149,15 @@ def pixels_to_uint8(values: np.ndarray, where: str) -> np.ndarray:
 
 def prepare_encoded(engine: Any, images: list[bytes], max_pixels: int) -> list[np.ndarray]:
     """Encoded images to arrays at the model's input size, through the one decode path."""
-    prepare = getattr(engine, "predictor", engine).prepare  # a MicroBatcher wraps a Predictor
+    predictor = getattr(engine, "predictor", engine)  # a MicroBatcher wraps a Predictor
     prepared = []
     for index, data in enumerate(images):
         try:
-            image = decode_image(data, max_pixels)
+            image = decode_image(data, max_pixels, fit=predictor.input_size)
         except ImagerecError as exc:
             message = f"image {index}: {exc.message}"
             raise type(exc)(message, code=exc.code, status=exc.status) from None
-        prepared.append(prepare(image))
+        prepared.append(predictor.prepare(image))
     return prepared
 
 
