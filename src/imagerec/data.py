@@ -56,7 +56,7 @@ CIFAR_SPLITS = {
 }
 CIFAR_META = "batches.meta"
 # Bump when the cached array layout or the decode path changes, so old caches are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: large JPEGs decoded scaled (images.decode_image fit)
 MEMORY_LIMIT_BYTES = 2 << 30
 DEFAULT_FOLDER_SIZE = (32, 32)
 # A CIFAR batch is 30 MiB; anything far larger is not a CIFAR member and is not read into memory.

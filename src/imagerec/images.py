@@ -152,8 +152,9 @@ def _check_complete(data: bytes, fmt: str, scan: int) -> None:
 
 def jpeg_scale(width: int, height: int, fit: tuple[int, int] | None) -> int:
     """The decode scale (1, 2, 4 or 8) for a width x height JPEG that will be resized to `fit`
-    (height, width): the smallest fraction whose pixels still cover `fit` however the image
-    turns out to be oriented, so that the resize after it only ever shrinks."""
+    (height, width): the smallest fraction that still leaves twice `fit` each way, however the
+    image turns out to be oriented, so that the resize after it still shrinks at least twofold
+    (Pillow's "reducing gap" of 2 for its JPEG draft mode)."""
     if not fit:
         return 1
     need, short = 2 * max(fit), min(width, height)
@@ -175,10 +176,11 @@ def decode_image(
 
     `fit` (height, width) is what the caller will resize the image to. A JPEG at least twice
     that size either way round is then decoded at 1/2, 1/4 or 1/8 of its width and height
-    (`jpeg_scale`): libjpeg averages each 8x8 block of the image while decoding it, so the
-    resize that follows sees nearly the pixels that shrinking the whole image would give
-    (mostly within one level of 255) for less than half the CPU on a photo. The result is then
-    smaller than the image, never smaller than `fit`. The pixel limit applies to the full size.
+    (`jpeg_scale`): libjpeg computes the smaller image from each 8x8 block's frequencies (at 1/8,
+    the block's mean), so the resize that follows sees nearly the pixels that shrinking the
+    whole image would give (mostly within a level or two of 255; benchmarks/results/decode.md)
+    for half the CPU or less on a photo. The result is then smaller than the image and at least
+    twice `fit` each way. The pixel limit applies to the image's full size.
     """
     data = bytes(data)
     fmt = sniff_format(data)
@@ -264,15 +266,18 @@ _decode_buffers_held = False
 def hold_decode_buffers(mmap_mb: int = 32, trim_mb: int = 64) -> bool:
     """Have the C library's malloc keep freed decode buffers for the next image (glibc).
 
-    Decoding a photo takes megabytes of buffers (4.6 MB for a 1024x768 JPEG), freed once it is
-    resized. By default glibc hands a heap's free top back to the kernel as soon as it exceeds
-    twice the largest block seen, so each image faults its buffers' pages in again: about 1,100
-    page faults a 1024x768 JPEG, 40% of its decode CPU on the machine measured (7.1 ms against
-    4.3; see benchmarks/results/bulk.md). Blocks up to `mmap_mb` (32 MB is glibc's ceiling: about a
-    10-megapixel image) now come from the heap, and up to `trim_mb` free at its top stays
-    there, a bound on what a thread's heap keeps beyond what it uses. Process-wide and for good;
-    for processes that decode many images (bulk runs). True if it took effect; False where the
-    C library has no mallopt (not glibc), which changes nothing but the speed."""
+    Decoding a photo whole takes megabytes of buffers (4.6 MB for a 1024x768 JPEG), freed once
+    it is resized. By default glibc hands a heap's free top back to the kernel as soon as it
+    exceeds twice the largest block seen, so each image faults its buffers' pages in again:
+    about 1,100 page faults a 1024x768 JPEG, 40% of its decode CPU on the machine measured (7.1
+    ms against 4.3; benchmarks/results/bulk.md as of commit b14bd2f, when every photo was decoded
+    whole). A JPEG decoded scaled (decode_image's `fit`) needs far less, but images decoded
+    whole remain: photos for a model of 224x224, other formats. Blocks up to `mmap_mb` (32 MB
+    is glibc's ceiling: about a 10-megapixel image) now come from the heap, and up to `trim_mb`
+    free at its top stays there, a bound on what a thread's heap keeps beyond what it uses.
+    Process-wide and for good; for processes that decode many images (bulk runs). True if it
+    took effect; False where the C library has no mallopt (not glibc), which changes nothing
+    but the speed."""
     global _decode_buffers_held
     if _decode_buffers_held:
         return True
