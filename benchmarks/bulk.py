@@ -269,24 +269,34 @@ class RayCluster:
         subprocess.run([self.ray, "stop", "--force"], capture_output=True)
 
 
-def make_photos(cifar: Path, out: Path, count: int, size=(768, 1024)) -> Path:
-    """`count` JPEGs of size (height, width): CIFAR images scaled up, with grain, quality 90."""
+def photo_sources(cifar: Path, count: int) -> list[Path]:
+    """`count` CIFAR images spread evenly over the sorted folder, to be made into photos."""
+    every = sorted(cifar.glob("*/*.jpg"))
+    return every[:: max(1, len(every) // count)][:count]
+
+
+def make_photo(source: Path, size: tuple[int, int], rng: np.random.Generator) -> bytes:
+    """A JPEG of size (height, width) that compresses and decodes like a photograph: the CIFAR
+    image scaled up, with grain added, at quality 90."""
     import cv2
 
+    image = cv2.resize(cv2.imread(str(source)), size[::-1], interpolation=cv2.INTER_CUBIC)
+    grain = rng.normal(0, 6, image.shape)
+    photo = np.clip(image.astype(np.float32) + grain, 0, 255).astype(np.uint8)
+    return cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def make_photos(cifar: Path, out: Path, count: int, size=(768, 1024)) -> Path:
+    """`count` photo JPEGs (make_photo) of size (height, width) under `out`, once."""
     marker = out / f".complete-{count}"
     if marker.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    every = sorted(cifar.glob("*/*.jpg"))
-    sources = every[:: max(1, len(every) // count)][:count]
     rng = np.random.default_rng(0)
-    for i, source in enumerate(sources):
-        image = cv2.resize(cv2.imread(str(source)), size[::-1], interpolation=cv2.INTER_CUBIC)
-        grain = rng.normal(0, 6, image.shape)
-        photo = np.clip(image.astype(np.float32) + grain, 0, 255).astype(np.uint8)
+    for i, source in enumerate(photo_sources(cifar, count)):
         folder = out / source.parent.name
         folder.mkdir(exist_ok=True)
-        cv2.imwrite(str(folder / f"{i:05d}.jpg"), photo, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        (folder / f"{i:05d}.jpg").write_bytes(make_photo(source, size, rng))
     marker.touch()
     return out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bulk import make_photo, photo_sources
 from machine import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +34,8 @@ FITS = [(32, 32), (224, 224)]
 
 def photos(cifar: Path, count: int, size: tuple[int, int]) -> list[bytes]:
     """`count` JPEG photos of size (height, width), made as benchmarks/bulk.py makes them."""
-    every = sorted(cifar.glob("*/*.jpg"))
     rng = np.random.default_rng(0)
-    out = []
-    for source in every[:: max(1, len(every) // count)][:count]:
-        image = cv2.resize(cv2.imread(str(source)), size[::-1], interpolation=cv2.INTER_CUBIC)
-        grain = rng.normal(0, 6, image.shape)
-        photo = np.clip(image.astype(np.float32) + grain, 0, 255).astype(np.uint8)
-        out.append(cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return out
+    return [make_photo(source, size, rng) for source in photo_sources(cifar, count)]
 
 
 def textures(size: tuple[int, int]) -> dict[str, bytes]:
@@ -49,13 +43,15 @@ def textures(size: tuple[int, int]) -> dict[str, bytes]:
     noise = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     stripes = np.zeros((*size, 3), np.uint8)
     stripes[:, ::2] = 255
-    encode = lambda image: cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]  # noqa: E731
-    return {"white noise": encode(noise).tobytes(), "1-pixel stripes": encode(stripes).tobytes()}
+    return {
+        name: cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        for name, image in [("white noise", noise), ("1-pixel stripes", stripes)]
+    }
 
 
 def both_ways(datas: list[bytes], fit: tuple[int, int]) -> dict:
     """Each image decoded scaled and whole, each resized to `fit`: CPU time and pixels."""
-    from imagerec.images import decode_image, jpeg_scale, resize_image
+    from imagerec.images import decode_image, image_size, jpeg_scale, resize_image
 
     def run(scaled: bool) -> tuple[float, np.ndarray]:
         start = time.thread_time()
@@ -65,7 +61,7 @@ def both_ways(datas: list[bytes], fit: tuple[int, int]) -> dict:
     run(True), run(False)  # first calls' allocations aside
     scaled_s, scaled = run(True)
     whole_s, whole = run(False)
-    height, width = decode_image(datas[0]).shape[:2]
+    width, height = image_size(datas[0], "jpeg")
     difference = np.abs(scaled.astype(int) - whole.astype(int))
     return {
         "size": f"{width}x{height}",

@@ -473,11 +473,10 @@ def classify_uploads(
     labels = len(engine.labels)
     if not 1 <= top_k <= labels:
         raise InvalidInput(f"top_k must be between 1 and {labels}", code="invalid_parameter")
-    fit = getattr(engine, "predictor", engine).input_size  # a MicroBatcher wraps a Predictor
     decoded = []
     for index, part in enumerate(parts):
         try:
-            decoded.append(decode_image(part.data, max_pixels, fit=fit))
+            decoded.append(decode_image(part.data, max_pixels, fit=engine.input_size))
         except ImagerecError as exc:
             name = part.filename or f"image {index + 1}"
             raise type(exc)(f"{name}: {exc.message}", code=exc.code, status=exc.status) from None
