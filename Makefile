@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(PYVER)
 NEEDS := imagerec needs Python 3.11, 3.12 or 3.13 (3.14 waits for TensorFlow, whose 3.14 wheels are only a release candidate)
 
-.PHONY: run test fuzz wheel print-python lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve bench-bulk bench-decode clean
+.PHONY: run test fuzz wheel print-python lint format train-cifar10 ablate-cifar10 jpeg-quality profile-train bench-serve bench-bulk bench-ray-floor bench-decode clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "$(NEEDS): none of them is on PATH" >&2; exit 1; }
@@ -76,6 +76,10 @@ bench-serve: $(STAMP)
 # DATA must be a folder of CIFAR-10 JPEGs here (the extracted shared images).
 bench-bulk: $(STAMP)
 	$(BIN)/python benchmarks/bulk.py --data $(DATA)
+
+# DATA as for bench-bulk: the photos are made from it.
+bench-ray-floor: $(STAMP)
+	$(BIN)/python benchmarks/ray_floor.py --data $(DATA)
 
 # DATA as for bench-bulk: the photos are made from it.
 bench-decode: $(STAMP)

@@ -1,0 +1,183 @@
+"""What a Ray Data job costs before any image: the floor under the ray engine's small runs.
+
+    python benchmarks/ray_floor.py --data /tmp/cifar10/train [--photos 2000] [--rounds 5]
+
+On a running cluster (`ray start --head`, as bulk.py runs its jobs), each round measures, in
+fresh processes: the in-process limit L on the photo set (bulk.py's child), `imagerec classify
+--engine ray` on it, and a job of the same Ray Data shape that does nothing: the same paths as
+rows in as many blocks, a decode stage and an actor pool of the same sizes and CPU shares whose
+functions return their batch unchanged, iterated back, then Ray disconnected, timed as the
+engine times itself (Ray and Ray Data already imported). To reach a share s of L on N images a
+job may spend at most N / L * (1 / s - 1) seconds beyond N / L, and that only if it runs at L
+once started; at s = 75% that is N / (3 L). The floor says how much of that allowance Ray Data
+takes before imagerec does anything. Writes benchmarks/results/ray_floor.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import cpu_description
+
+ROOT = Path(__file__).resolve().parents[1]
+BULK = ROOT / "benchmarks" / "bulk.py"
+TARGET = 0.75  # the ray engine's target share of the limit (issue 21)
+
+
+def child_floor(count: int) -> dict:
+    """The ray engine's Ray Data plan on `count` rows with stages that do nothing, timed."""
+    import numpy as np
+    import ray
+    import ray.data
+
+    from imagerec.bulk_ray import node_cpus
+
+    def keep(batch: dict) -> dict:  # the decode stage's place
+        return batch
+
+    class Keep:  # the classifier's place: an actor that loads nothing
+        def __call__(self, batch: dict) -> dict:
+            return batch
+
+    paths = [f"/nowhere/{i:06d}.jpg" for i in range(count)]
+    start = time.monotonic()
+    ray.init(logging_level="WARNING")
+    nodes = node_cpus(ray)
+    threads = min(nodes)
+    pool = max(1, sum(nodes) // threads)
+    share = threads / 2
+    step = min(1024, max(16, -(-count // (16 * pool * threads))))  # as classify_on_ray cuts
+    dataset = ray.data.from_items(
+        [{"path": path} for path in paths], override_num_blocks=-(-count // step)
+    )
+    kept = dataset.map_batches(keep, batch_size=step, batch_format="numpy", num_cpus=share)
+    kept = kept.map_batches(
+        Keep,
+        batch_size=step,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(
+            size=pool,
+            max_concurrent_calls_per_actor=threads,
+            enable_true_multi_threading=True,
+            max_tasks_in_flight_per_actor=2 * threads,
+        ),
+        num_cpus=share,
+    )
+    rows = sum(len(b["path"]) for b in kept.iter_batches(batch_size=None, batch_format="numpy"))
+    ray.shutdown()
+    seconds = time.monotonic() - start
+    assert rows == count and np.isfinite(seconds)
+    return {"rows": rows, "seconds": seconds}
+
+
+def run_child(args: list[str], script: Path, address: str | None = None) -> dict:
+    """`script --child ARGS` in a fresh process (joining `address`'s cluster); its JSON answer."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("RAY_ADDRESS", None)
+    if address:
+        env["RAY_ADDRESS"] = address
+    done = subprocess.run(
+        [sys.executable, str(script), "--child", *args], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(child_floor(int(sys.argv[3]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="a folder of CIFAR-10 JPEGs")
+    parser.add_argument("--model", default=str(ROOT / "models" / "cifar10"))
+    parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imagerec-bulk")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "ray_floor.md"
+    )
+    args = parser.parse_args()
+    sys.path.insert(0, str(BULK.parent))
+    from bulk import RayCluster, make_photos, wait_for_quiet
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    args.work.mkdir(parents=True, exist_ok=True)
+    folder = make_photos(args.data, args.work / f"photos-{args.photos}", args.photos)
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    paths_file = args.work / f"photos-{args.photos}-paths.txt"
+    paths_file.write_text("\n".join(paths) + "\n")
+    n = len(paths)
+    rows = []
+    with RayCluster() as cluster:
+        run_child(["floor", str(n)], Path(__file__), cluster.address)  # Ray Data's own actors
+        for r in range(args.rounds):
+            wait_for_quiet()
+            limit = run_child(["limit", str(paths_file), args.model, "64"], BULK)
+            wait_for_quiet()
+            floor = run_child(["floor", str(n)], Path(__file__), cluster.address)
+            wait_for_quiet()
+            with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+                job = run_child(
+                    ["classify", str(folder), args.model, f"{tmp}/r.parquet", "ray", "64"],
+                    BULK,
+                    cluster.address,
+                )
+            rate = limit["rate_with_decoding"]
+            rows.append(
+                {
+                    "limit": rate,
+                    "allowance": n / rate * (1 / TARGET - 1),
+                    "floor": floor["seconds"],
+                    "job": job["seconds"],
+                    "beyond": job["seconds"] - n / rate,
+                    "share": n / job["seconds"] / rate,
+                }
+            )
+            print(f"round {r + 1}: {rows[-1]}", file=sys.stderr, flush=True)
+    med = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    lines = [
+        "# Ray Data's floor a job, against the ray engine's allowance",
+        "",
+        f"Command: `python benchmarks/ray_floor.py {' '.join(sys.argv[1:])}`",
+        f"Run at {started} UTC; every figure below is from this run.",
+        "",
+        f"- CPU: {cpu_description()}",
+        f"- {n:,} photo-sized JPEGs (1024x768, bulk.py's photo set); a cluster started with "
+        "`ray start --head` on this machine; every measurement in a fresh process.",
+        "- limit: the in-process limit, images/s (bulk.py's, decoding included).",
+        f"- allowance: the most a job may spend beyond N / limit and still reach "
+        f"{TARGET:.0%} of the limit, N / limit x (1 / {TARGET} - 1), in seconds.",
+        "- floor: a Ray Data job of the ray engine's shape whose stages do nothing, on N rows, "
+        "from `ray.init` to `ray.shutdown`, in seconds.",
+        "- ray job: `imagerec classify --engine ray` on the N photos, as bulk.py times it; "
+        "beyond: its seconds less N / limit.",
+        "",
+        "| round | limit | allowance (s) | floor (s) | ray job (s) | beyond (s) | of limit |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, row in enumerate([*rows, med], 1):
+        name = str(i) if i <= len(rows) else "**median**"
+        lines.append(
+            f"| {name} | {row['limit']:.0f} | {row['allowance']:.2f} | {row['floor']:.2f} | "
+            f"{row['job']:.2f} | {row['beyond']:.2f} | {row['share']:.0%} |"
+        )
+    above = sum(row["floor"] > row["allowance"] for row in rows)
+    lines += [
+        "",
+        f"In {above} of {len(rows)} rounds Ray Data's floor alone was larger than the allowance.",
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
