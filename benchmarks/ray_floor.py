@@ -38,7 +38,7 @@ def child_floor(count: int) -> dict:
     import ray
     import ray.data
 
-    from imagerec.bulk_ray import node_cpus
+    from imagerec.bulk_ray import actor_pool, node_cpus
 
     def keep(batch: dict) -> dict:  # the decode stage's place
         return batch
@@ -63,12 +63,7 @@ def child_floor(count: int) -> dict:
         Keep,
         batch_size=step,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(
-            size=pool,
-            max_concurrent_calls_per_actor=threads,
-            enable_true_multi_threading=True,
-            max_tasks_in_flight_per_actor=2 * threads,
-        ),
+        compute=actor_pool(ray, pool, threads),
         num_cpus=share,
     )
     rows = sum(len(b["path"]) for b in kept.iter_batches(batch_size=None, batch_format="numpy"))

@@ -108,6 +108,17 @@ def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -
     }
 
 
+def actor_pool(ray, size: int, threads: int):
+    """Ray Data's strategy for the pool: `size` actors, each running `threads` batches at once
+    on threads of its own, with as many again queued so that none waits between batches."""
+    return ray.data.ActorPoolStrategy(
+        size=size,
+        max_concurrent_calls_per_actor=threads,
+        enable_true_multi_threading=True,
+        max_tasks_in_flight_per_actor=2 * threads,
+    )
+
+
 class RayClassifier:
     """An actor of the pool: the bundle loaded once, with a session for each of the `threads`
     batches it runs at once; decoded batches in, each row's top k out (as columns)."""
@@ -225,12 +236,7 @@ def classify_on_ray(
                 },
                 batch_size=step,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(
-                    size=pool,
-                    max_concurrent_calls_per_actor=threads,
-                    enable_true_multi_threading=True,
-                    max_tasks_in_flight_per_actor=2 * threads,
-                ),
+                compute=actor_pool(ray, pool, threads),
                 num_cpus=share,
             )
             for batch in labelled.iter_batches(batch_size=None, batch_format="numpy"):
