@@ -177,6 +177,29 @@ def test_a_finished_run_run_again_adds_only_new_images(archive, tmp_path):
     assert len(paths) == len(set(paths)) == 84
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_names_that_are_not_utf8_are_written_as_escapes_and_resumed(tmp_path, suffix):
+    # Older archives hold Latin-1 names: bytes that no output format can hold as text.
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    jpeg = next(CIFAR_SMALL.glob("ship/*.jpg")).read_bytes()
+    (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(jpeg)
+    (folder / os.fsdecode(b"d\xe9j\xe0-vu.jpg")).symlink_to(folder / "gone.jpg")  # unreadable
+    (folder / "plain.jpg").write_bytes(jpeg)
+    out = tmp_path / f"results{suffix}"
+    result = classify(BUNDLED, [str(folder)], out, progress=False)
+    assert (result.written, result.errors) == (3, 1)
+    rows = {r["path"]: r for r in read_table(out)}
+    good, bad = f"{folder}/caf\\xe9.jpg", f"{folder}/d\\xe9j\\xe0-vu.jpg"
+    assert sorted(rows) == sorted([good, bad, f"{folder}/plain.jpg"])
+    assert rows[good]["label"] == rows[f"{folder}/plain.jpg"]["label"] == "ship"
+    assert rows[bad]["error"]["code"] == "invalid_image"
+    assert f"cannot read {bad}" in rows[bad]["error"]["message"]  # the path, escaped as above
+    # The same command again finds every name already written, escaped or not.
+    again = classify(BUNDLED, [str(folder)], out, progress=False)
+    assert (again.written, again.skipped) == (0, 3)
+
+
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
     """2,400 small JPEGs (the fixture's 80, each under 30 names) in 30 folders."""
@@ -322,9 +345,11 @@ def test_the_ray_engine_gives_the_local_engines_table(local_ray, archive, tmp_pa
     extra = tmp_path / "extra"
     extra.mkdir()
     shutil.copy(next(CIFAR_SMALL.glob("ship/*.jpg")), extra / "ship.jpg")
+    shutil.copy(extra / "ship.jpg", extra / os.fsdecode(b"caf\xe9.jpg"))  # not UTF-8
     more = classify(BUNDLED, [str(archive), str(extra)], out, engine="ray")
-    assert (more.written, more.skipped) == (1, 84)
-    assert pq.read_table(out).num_rows == 85
+    assert (more.written, more.skipped) == (2, 84)
+    added = {r["path"]: r["label"] for r in pq.read_table(out).to_pylist()[-2:]}
+    assert added == {f"{extra}/caf\\xe9.jpg": "ship", f"{extra}/ship.jpg": "ship"}
     # The rows stream back to this process, which writes any of the local engine's formats.
     lines = tmp_path / "ray.jsonl"
     assert classify(BUNDLED, [str(archive)], lines, engine="ray", progress=False).written == 84

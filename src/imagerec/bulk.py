@@ -150,13 +150,23 @@ def count_sources(sources: list[str], stop: threading.Event) -> int | None:
 # Resuming -----------------------------------------------------------------------------------
 
 
+def path_text(path: str) -> str:
+    """A path as the output holds it: itself, or, where the name is not UTF-8 (Python holds its
+    bytes as surrogates, and no output format can), those bytes as \\xNN escapes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return path
+
+
 def path_hashes(paths: Iterable[str]) -> np.ndarray:
-    """64-bit hashes of paths (blake2b): 8 bytes each to remember what is done."""
+    """64-bit hashes of paths as the output holds them (path_text; blake2b): 8 bytes each to
+    remember what is done."""
     return np.fromiter(
         (
             int.from_bytes(
-                hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-                "little",
+                hashlib.blake2b(path_text(p).encode("utf-8"), digest_size=8).digest(), "little"
             )
             for p in paths
         ),
@@ -207,8 +217,11 @@ class Rows:
         return len(self.path)
 
     def add(self, paths: list[str], top: np.ndarray, score: np.ndarray, errors: list) -> None:
-        self.path.extend(paths)
-        self.error.extend(errors)
+        self.path.extend(map(path_text, paths))
+        self.error.extend(
+            None if e is None else {"code": e["code"], "message": path_text(e["message"])}
+            for e in errors
+        )
         self._top.append(top)
         self._score.append(score)
 

@@ -35,6 +35,7 @@ from imagerec.bulk import (
     decode_batch,
     iter_sources,
     open_sink,
+    path_text,
     skip_done,
     top_k_columns,
 )
@@ -86,7 +87,8 @@ def node_cpus(ray) -> list[int]:
 
 
 def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -> dict:
-    """A map_batches stage: {"path"} -> paths, pixels at the input size, and errors."""
+    """A map_batches stage: {"path"} (the file system's bytes) -> paths (as the output holds
+    them), pixels at the input size, and errors."""
     import cv2
 
     from imagerec.images import DEFAULT_MAX_PIXELS, hold_decode_buffers
@@ -94,16 +96,17 @@ def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -
     # Each batch is decoded on one core; OpenCV's own threads on top of that only compete.
     cv2.setNumThreads(1)
     hold_decode_buffers()  # as the local engine: the process's next image reuses these pages
-    paths = [str(p) for p in batch["path"]]
+    paths = [os.fsdecode(p) for p in batch["path"]]
     pixels, ok, errors = decode_batch(paths, size, max_pixels or DEFAULT_MAX_PIXELS)
     full = np.zeros((len(paths), size[0], size[1], 3), np.uint8)
     full[ok] = pixels
     return {
-        "path": np.array(paths, dtype=object),
+        "path": np.array([path_text(p) for p in paths], dtype=object),
         "pixels": full,
         "error_code": np.array([errors.get(i, {}).get("code", "") for i in range(len(paths))]),
         "error_message": np.array(
-            [errors.get(i, {}).get("message", "") for i in range(len(paths))], dtype=object
+            [path_text(errors.get(i, {}).get("message", "")) for i in range(len(paths))],
+            dtype=object,
         ),
     }
 
@@ -215,8 +218,10 @@ def classify_on_ray(
             step = min(ray_batch, max(16, -(-len(paths) // (16 * pool * threads))))
             # from_items builds the blocks here; from_arrow would run a Ray task a block for
             # their metadata, and have Ray start worker processes (seconds of CPU each) for it.
+            # Paths go as bytes: a name that is not UTF-8 has no place in an Arrow string.
             dataset = ray.data.from_items(
-                [{"path": path} for path in paths], override_num_blocks=-(-len(paths) // step)
+                [{"path": os.fsencode(path)} for path in paths],
+                override_num_blocks=-(-len(paths) // step),
             )
             decoded = dataset.map_batches(
                 decode_for_ray,
