@@ -261,27 +261,75 @@ class Rows:
 
         schema = arrow_schema()
         top, score, ok = self.columns()
-        failed = pa.array(~ok)
-        names = pa.array(self.labels, pa.string())
+        names = _text_array(self.labels)
         pairs = pa.StructArray.from_arrays(
-            [names.take(pa.array(top.ravel())), pa.array(score.ravel(), pa.float64())],
+            [names.take(_number_array(top.ravel())), _number_array(score.ravel())],
             fields=list(schema.field("top_k").type.value_type),
         )
-        offsets = pa.array(np.arange(0, top.size + 1, self.k, dtype=np.int32))
+        offsets = _number_array(np.arange(0, top.size + 1, self.k, dtype=np.int32))
         codes = [None if e is None else e["code"] for e in self.error]
         messages = [None if e is None else e["message"] for e in self.error]
         columns = {
-            "path": pa.array(self.path, pa.string()),
-            "label": names.take(pa.array(top[:, 0], mask=~ok)),
-            "score": pa.array(score[:, 0], pa.float64(), mask=~ok),
-            "top_k": pa.ListArray.from_arrays(offsets, pairs, mask=failed),
+            "path": _text_array(self.path),
+            "label": names.take(_number_array(top[:, 0], ok)),
+            "score": _number_array(score[:, 0], ok),
+            "top_k": pa.ListArray.from_arrays(offsets, pairs, mask=_bool_array(~ok)),
             "error": pa.StructArray.from_arrays(
-                [pa.array(codes, pa.string()), pa.array(messages, pa.string())],
+                [_text_array(codes), _text_array(messages)],
                 fields=list(schema.field("error").type),
-                mask=pa.array(ok),
+                mask=_bool_array(ok),
             ),
         }
         return pa.table(columns, schema=schema)
+
+
+# Arrow columns straight from their buffers. pa.array would do, but its first call imports
+# pandas where it is installed (pyarrow's check for pandas objects), a third of a second of CPU
+# at the first commit, longer than many a run's images take.
+
+
+def _validity(valid: np.ndarray | None):
+    """Arrow's validity bitmap for a mask of rows that hold a value (None: all of them)."""
+    import pyarrow as pa
+
+    return None if valid is None else pa.py_buffer(np.packbits(valid, bitorder="little"))
+
+
+def _number_array(values: np.ndarray, valid: np.ndarray | None = None):
+    """An Arrow array of a 1-d numeric array's values, null where `valid` is False."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    kind = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(
+        kind, len(values), [_validity(valid), pa.py_buffer(values)], null_count=-1
+    )
+
+
+def _bool_array(values: np.ndarray):
+    """An Arrow boolean array of a mask (as `mask=` takes it)."""
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.bool_(), len(values), [None, _validity(values)])
+
+
+def _text_array(values: Sequence[str | None]):
+    """An Arrow string array of `values` (None a null), from their UTF-8 bytes."""
+    import pyarrow as pa
+
+    data = [b"" if v is None else v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    return pa.Array.from_buffers(
+        pa.large_string(),
+        len(data),
+        [
+            _validity(None if valid.all() else valid),
+            pa.py_buffer(offsets),
+            pa.py_buffer(b"".join(data)),
+        ],
+    ).cast(pa.string())
 
 
 def arrow_schema():
