@@ -189,10 +189,17 @@ def wait_for_quiet(limit_cores: float = 0.3, longest_s: float = 20) -> float:
             return busy
 
 
-def measure(args: list[str], timeout: float = 1800, cluster: RayCluster | None = None) -> dict:
-    """Run this script as a child with `args`; its JSON answer, plus the tree's peak PSS. With
-    a `cluster`, the child joins it (RAY_ADDRESS), and its processes count as the child's."""
-    command = [sys.executable, __file__, "--child", *args]
+def measure(
+    args: list[str],
+    timeout: float = 1800,
+    cluster: RayCluster | None = None,
+    script: str = __file__,
+    sample: bool = True,
+) -> dict:
+    """Run `script` (this one) as a child with `args`; its JSON answer, plus the tree's peak PSS
+    unless `sample` is off (the sampler costs a Ray job up to a second or two). With a
+    `cluster`, the child joins it (RAY_ADDRESS), and its processes count as the child's."""
+    command = [sys.executable, str(script), "--child", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("RAY_ADDRESS", None)
     if cluster is not None:
@@ -202,7 +209,7 @@ def measure(args: list[str], timeout: float = 1800, cluster: RayCluster | None =
     samples: list[tuple[float, float, float]] = []  # (time, tree CPU s, machine busy s)
     seen: dict[int, float] = {}
 
-    def sample():
+    def sample_tree():
         # Every 0.5 s, PSS every 1 s: reading smaps_rollup walks a process's page tables, and
         # at 0.2 s over Ray's dozen processes this sampler took 0.3 of the 2 cores.
         nonlocal peak
@@ -217,11 +224,13 @@ def measure(args: list[str], timeout: float = 1800, cluster: RayCluster | None =
             if tick % 2:
                 peak = max(peak, tree_pss_kb(tree))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = threading.Thread(target=sample_tree, daemon=True)
+    if sample:
+        sampler.start()
     out, err = process.communicate(timeout=timeout)
     done.set()
-    sampler.join()
+    if sample:
+        sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{err.decode()[-3000:]}")
     answer = json.loads(out.decode().strip().splitlines()[-1])

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ def child_floor(count: int) -> dict:
     import ray
     import ray.data
 
-    from imagerec.bulk_ray import actor_pool, node_cpus
+    from imagerec.bulk_ray import actor_pool, node_cpus, plan_shape
 
     def keep(batch: dict) -> dict:  # the decode stage's place
         return batch
@@ -50,11 +48,7 @@ def child_floor(count: int) -> dict:
     paths = [f"/nowhere/{i:06d}.jpg" for i in range(count)]
     start = time.monotonic()
     ray.init(logging_level="WARNING")
-    nodes = node_cpus(ray)
-    threads = min(nodes)
-    pool = max(1, sum(nodes) // threads)
-    share = threads / 2
-    step = min(1024, max(16, -(-count // (16 * pool * threads))))  # as classify_on_ray cuts
+    threads, pool, share, step = plan_shape(node_cpus(ray), count)  # as classify_on_ray plans
     dataset = ray.data.from_items(
         [{"path": path} for path in paths], override_num_blocks=-(-count // step)
     )
@@ -73,20 +67,6 @@ def child_floor(count: int) -> dict:
     return {"rows": rows, "seconds": seconds}
 
 
-def run_child(args: list[str], script: Path, address: str | None = None) -> dict:
-    """`script --child ARGS` in a fresh process (joining `address`'s cluster); its JSON answer."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    env.pop("RAY_ADDRESS", None)
-    if address:
-        env["RAY_ADDRESS"] = address
-    done = subprocess.run(
-        [sys.executable, str(script), "--child", *args], capture_output=True, text=True, env=env
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child_floor(int(sys.argv[3]))))
@@ -102,7 +82,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     sys.path.insert(0, str(BULK.parent))
-    from bulk import RayCluster, make_photos, wait_for_quiet
+    from bulk import RayCluster, make_photos, measure, wait_for_quiet
+
+    def run_child(args: list[str], script: Path, cluster: RayCluster | None = None) -> dict:
+        # No sampler: it would slow the Ray jobs, and peak memory is bulk.md's to report.
+        return measure(args, cluster=cluster, script=str(script), sample=False)
 
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     args.work.mkdir(parents=True, exist_ok=True)
@@ -113,18 +97,18 @@ def main() -> None:
     n = len(paths)
     rows = []
     with RayCluster() as cluster:
-        run_child(["floor", str(n)], Path(__file__), cluster.address)  # Ray Data's own actors
+        run_child(["floor", str(n)], Path(__file__), cluster)  # Ray Data's own actors
         for r in range(args.rounds):
             wait_for_quiet()
             limit = run_child(["limit", str(paths_file), args.model, "64"], BULK)
             wait_for_quiet()
-            floor = run_child(["floor", str(n)], Path(__file__), cluster.address)
+            floor = run_child(["floor", str(n)], Path(__file__), cluster)
             wait_for_quiet()
             with tempfile.TemporaryDirectory(dir=args.work) as tmp:
                 job = run_child(
                     ["classify", str(folder), args.model, f"{tmp}/r.parquet", "ray", "64"],
                     BULK,
-                    cluster.address,
+                    cluster,
                 )
             rate = limit["rate_with_decoding"]
             rows.append(

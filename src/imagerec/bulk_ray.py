@@ -111,6 +111,17 @@ def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -
     }
 
 
+def plan_shape(
+    nodes: list[int], count: int, actors: int = 0, threads: int = 0, ray_batch: int = 1024
+) -> tuple[int, int, float, int]:
+    """(threads an actor, actors, CPU share a stage asks for, images a batch) for `count` images
+    on a cluster of `nodes` CPUs, as classify_on_ray explains them."""
+    threads = threads or min(nodes)
+    pool = actors or max(1, sum(nodes) // threads)
+    step = min(ray_batch, max(16, -(-count // (16 * pool * threads))))
+    return threads, pool, threads / 2, step
+
+
 def actor_pool(ray, size: int, threads: int):
     """Ray Data's strategy for the pool: `size` actors, each running `threads` batches at once
     on threads of its own, with as many again queued so that none waits between batches."""
@@ -204,9 +215,7 @@ def classify_on_ray(
     stop_counting = _count_in_background(bar, sources)
     try:
         nodes = node_cpus(ray)
-        threads = threads or min(nodes)
-        pool = actors or max(1, sum(nodes) // threads)
-        share = threads / 2
+        threads, pool, share, _ = plan_shape(nodes, 0, actors, threads)
         if (pool + 1) * share > sum(nodes):
             raise InvalidInput(
                 f"{pool} actors of {threads} threads ask for more than the cluster's "
@@ -215,7 +224,7 @@ def classify_on_ray(
             )
         committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
         for paths in batched(skip_done(iter_sources(sources), done), chunk):
-            step = min(ray_batch, max(16, -(-len(paths) // (16 * pool * threads))))
+            step = plan_shape(nodes, len(paths), pool, threads, ray_batch)[3]
             # from_items builds the blocks here; from_arrow would run a Ray task a block for
             # their metadata, and have Ray start worker processes (seconds of CPU each) for it.
             # Paths go as bytes: a name that is not UTF-8 has no place in an Arrow string.
