@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,8 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     )
     (tmp_path / "taken.parquet").write_text("someone else's file")
     assert "is a file" in refused(str(archive), "--out", str(tmp_path / "taken.parquet"))
+    under_a_file = str(tmp_path / "taken.parquet" / "r.csv")
+    assert "classify stopped: " in refused(str(archive), "--out", under_a_file)
     for name, text in [("notes.jsonl", '{"note": 1}\n'), ("sheet.csv", "a,b\n1,2\n")]:
         (tmp_path / name).write_text(text)
         assert "is not a table that imagerec classify wrote" in refused(
@@ -259,6 +262,44 @@ def committed_rows(out: Path) -> int:
             return max(0, handle.read(length).count(b"\n") - 1)  # less the header
     except (OSError, ValueError):  # not written yet, or the sidecar caught mid-rename
         return 0
+
+
+def limit_file_size(size: int):
+    """For a child process: files may grow to `size` bytes; a write past that fails (EFBIG),
+    as on a full disk, rather than killing the process."""
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_write_that_fails_stops_the_run_with_a_message_and_the_run_resumes(
+    archive, tmp_path, suffix
+):
+    out = tmp_path / f"results{suffix}"
+    command = [
+        sys.executable, "-m", "imagerec.cli", "classify", str(BUNDLED), str(archive),
+        "--out", str(out), "--batch-size", "8", "--commit-every", "8",
+    ]  # fmt: skip
+    # A CSV row is about 240 bytes: some commits fit, then one does not. A Parquet part is a
+    # file of its own, over 2 kB, so its first commit fails.
+    size = 4000 if suffix == ".csv" else 1500
+    failed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(size)
+    )
+    assert failed.returncode == 1, failed.stderr
+    assert "imagerec: error: classify stopped:" in failed.stderr
+    assert "File too large" in failed.stderr and "Traceback" not in failed.stderr
+    assert not [p for p in tmp_path.rglob(".*tmp*")]  # nothing half-written left behind
+    kept = committed_rows(out)
+    assert (kept > 0) == (suffix == ".csv")
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    paths = [r["path"] for r in read_table(out)]
+    assert len(paths) == len(set(paths)) == 84
 
 
 def test_without_ray_the_message_says_how_to_install_it(archive, tmp_path, monkeypatch, capsys):

@@ -25,6 +25,7 @@ what is committed is skipped, what is not is done again, and no row is written t
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -432,11 +433,15 @@ def _fsync_folder(folder: Path) -> None:
 def _write_durably(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all: a synced temporary file renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, say: leave nothing half-written behind
+        raise
     _fsync_folder(path.parent)
 
 
@@ -491,10 +496,14 @@ class ParquetFolder:
 
         name = f"part-{self.next_part:06d}.parquet"
         tmp = self.out / f".{name}.tmp"
-        pq.write_table(rows.to_arrow(), tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.out / name)
+        try:
+            pq.write_table(rows.to_arrow(), tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_folder(self.out)
         self.next_part += 1
 
@@ -590,6 +599,28 @@ class AppendedFile:
         _fsync_folder(self.out.parent)
 
 
+def _file_system_errors_stop(classify_run):
+    """classify_run, with an OSError (a full disk, an --out that cannot be made) turned into an
+    ImagerecError that says what stopped the run; what was committed stays, and the same
+    command resumes after it."""
+
+    @functools.wraps(classify_run)
+    def run(bundle, sources, out, **options):
+        try:
+            return classify_run(bundle, sources, out, **options)
+        except OSError as exc:
+            log.debug("classify stopped", exc_info=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise ImagerecError(
+                f"classify stopped: {where}{exc.strerror or exc}. The rows committed to {out} "
+                "stay there; once this is fixed, the same command resumes after them",
+                code="io_error",
+            ) from None
+
+    return run
+
+
+@_file_system_errors_stop
 def classify(
     bundle: str | os.PathLike,
     sources: list[str],
@@ -606,7 +637,8 @@ def classify(
     ray_actors: int = 0,
 ) -> BulkResult:
     """Label every image the sources name into `out` with the bundle, on the `local` or `ray`
-    engine; `model_engine` is the model's engine (auto, onnx-int8, ...)."""
+    engine; `model_engine` is the model's engine (auto, onnx-int8, ...). A file system error
+    stops the run with an ImagerecError (code io_error) that names it."""
     out = Path(out)
     output_format(out)
     check_sources(sources)
