@@ -203,6 +203,31 @@ def test_names_that_are_not_utf8_are_written_as_escapes_and_resumed(tmp_path, su
     assert (again.written, again.skipped) == (0, 3)
 
 
+def test_fifos_devices_and_files_too_large_for_an_image_are_error_rows(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    jpeg = next(CIFAR_SMALL.glob("ship/*.jpg")).read_bytes()
+    (folder / "ship.jpg").write_bytes(jpeg)
+    os.mkfifo(folder / "pipe.jpg")  # opened for reading, it would wait for a writer forever
+    (folder / "zero.jpg").symlink_to("/dev/zero")  # read whole, it would never end
+    with open(folder / "huge.png", "wb") as handle:  # sparse: 2 GB that take no disk
+        handle.truncate(2 << 30)
+    # In a child process, so that a run that hangs fails the test instead of stopping it.
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "imagerec.cli", "classify", str(BUNDLED), str(folder)]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {Path(r["path"]).name: r for r in read_table(out)}
+    assert rows["ship.jpg"]["error"] is None
+    for name in ("pipe.jpg", "zero.jpg"):
+        assert rows[name]["error"] == {
+            "code": "invalid_image",
+            "message": f"{folder / name} is not a regular file",
+        }
+    assert rows["huge.png"]["error"]["code"] == "payload_too_large"
+    assert "2,147,483,648 bytes" in rows["huge.png"]["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
     """2,400 small JPEGs (the fixture's 80, each under 30 names) in 30 folders."""

@@ -1,6 +1,6 @@
 """Label whole archives into a table: `imagerec classify BUNDLE SOURCE... --out results.parquet`.
 
-Two engines run the same decode (images.load_image) and the same Predictor:
+Two engines run the same decode (read_image: images.load_image) and the same Predictor:
 
 - `local` streams in this process: sources are enumerated lazily, a pool of threads (one a core)
   each reads, decodes and classifies a batch in its own ONNX Runtime session, so one batch
@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from imagerec.engines import usable_cores
-from imagerec.errors import ImagerecError, InvalidInput
+from imagerec.errors import ImagerecError, InvalidImage, InvalidInput, PayloadTooLarge
 from imagerec.images import IMAGE_SUFFIXES, load_image
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,26 @@ def checked_top_k(top_k: int, labels: list[str]) -> int:
     return top_k
 
 
+def read_image(path: str, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """images.load_image for an archive, where any file may wear an image's name: a FIFO or a
+    device is refused before it is opened (reading one would wait forever, or never end), and so
+    is a file larger than any image of `max_pixels` can be (8 bytes a pixel, 16-bit RGBA, and a
+    megabyte of metadata), so that no one file can take the memory of a run."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise InvalidImage(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidImage(f"{path} is not a regular file")
+    most = 8 * max_pixels + (1 << 20)
+    if info.st_size > most:
+        raise PayloadTooLarge(
+            f"{path} is {info.st_size:,} bytes, more than an image of at most {max_pixels:,} "
+            f"pixels can be ({most:,})"
+        )
+    return load_image(path, size, max_pixels)
+
+
 def decode_batch(
     paths: list[str], size: tuple[int, int], max_pixels: int
 ) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
@@ -390,7 +411,7 @@ def decode_batch(
     n = 0
     for i, path in enumerate(paths):
         try:
-            pixels[n] = load_image(path, size, max_pixels)
+            pixels[n] = read_image(path, size, max_pixels)
         except ImagerecError as exc:
             errors[i] = {"code": exc.code, "message": exc.message}
             continue

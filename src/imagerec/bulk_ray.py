@@ -1,7 +1,7 @@
 """The `ray` engine of `imagerec classify`: the same decode and Predictor on Ray Data.
 
 Ray Data's batch inference pattern: the paths become a dataset, a `map_batches` stage reads and
-decodes them (images.load_image, as the local engine), an actor pool classifies (each actor loads
+decodes them (bulk.read_image, as the local engine), an actor pool classifies (each actor loads
 the bundle once), and the rows stream back to this process, which writes them into `--out` as
 the local engine does: any of its formats, committed every `commit_rows` images, so a killed run
 loses at most what was not committed and the same command resumes. `ray.init()` joins the
