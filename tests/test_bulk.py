@@ -241,9 +241,12 @@ def many_images(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_a_run_killed_with_sigkill_resumes_without_duplicates_or_gaps(
-    many_images, tmp_path, suffix
+@pytest.mark.parametrize(
+    "suffix, stop",
+    [(".parquet", signal.SIGKILL), (".csv", signal.SIGKILL), (".jsonl", signal.SIGINT)],
+)
+def test_a_run_killed_or_interrupted_resumes_without_duplicates_or_gaps(
+    many_images, tmp_path, suffix, stop
 ):
     out = tmp_path / f"results{suffix}"
     # Small batches and commits, so that the run is killed with many commits behind it and
@@ -258,9 +261,13 @@ def test_a_run_killed_with_sigkill_resumes_without_duplicates_or_gaps(
         assert run.poll() is None, run.communicate()
         assert time.monotonic() < deadline, "the run committed nothing in two minutes"
         time.sleep(0.02)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert run.returncode == -signal.SIGKILL
+    run.send_signal(stop)
+    _, err = run.communicate()
+    if stop == signal.SIGKILL:
+        assert run.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: a message, not a traceback
+        assert run.returncode == 130, err
+        assert b"interrupted; the rows written to" in err and b"Traceback" not in err
     before = committed_rows(out)
     assert 160 <= before < 2400  # killed part-way
 
@@ -276,6 +283,32 @@ def test_a_run_killed_with_sigkill_resumes_without_duplicates_or_gaps(
     assert {r["path"]: r["label"] for r in rows} == want
 
 
+def test_ctrl_c_commits_the_batches_already_classified(archive, tmp_path, monkeypatch):
+    import imagerec.bulk
+
+    ranked, seen = imagerec.bulk.ranked_rows, []
+
+    def ranked_then_ctrl_c(*args, **kwargs):
+        rows = ranked(*args, **kwargs)
+        seen.append(len(rows))
+        if len(seen) == 5:  # Ctrl-C, as the terminal sends it, once five batches are done
+            os.kill(os.getpid(), signal.SIGINT)
+        return rows
+
+    monkeypatch.setattr(imagerec.bulk, "ranked_rows", ranked_then_ctrl_c)
+    out = tmp_path / "results.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        # Commits by count or time would come far later: only the interrupt commits.
+        classify(BUNDLED, [str(archive)], out, batch_size=8, threads=1, commit_rows=10_000)
+    saved = committed_rows(out)
+    assert 8 <= saved <= 8 * len(seen) and saved % 8 == 0, (saved, seen)
+    monkeypatch.setattr(imagerec.bulk, "ranked_rows", ranked)
+    again = classify(BUNDLED, [str(archive)], out, progress=False)
+    assert (again.skipped, again.written) == (saved, 84 - saved)
+    paths = [r["path"] for r in read_table(out)]
+    assert len(paths) == len(set(paths)) == 84
+
+
 def committed_rows(out: Path) -> int:
     """Rows that a killed run would keep: the committed parts, or the sidecar's length."""
     if out.suffix == ".parquet":
@@ -284,7 +317,8 @@ def committed_rows(out: Path) -> int:
     try:
         length = json.loads(progress.read_text())["bytes"]
         with open(out, "rb") as handle:
-            return max(0, handle.read(length).count(b"\n") - 1)  # less the header
+            lines = handle.read(length).count(b"\n")
+        return max(0, lines - 1) if out.suffix == ".csv" else lines  # less CSV's header
     except (OSError, ValueError):  # not written yet, or the sidecar caught mid-rename
         return 0
 

@@ -790,6 +790,9 @@ def classify_local(
                     break
                 committer.add(in_flight.popleft().result())
             committer.finish()
+    except KeyboardInterrupt:
+        committer.save()  # the batches that finished are not lost with the ones under way
+        raise
     finally:
         for future in in_flight:
             future.cancel()
@@ -822,9 +825,13 @@ class Committer:
             self.last = now
 
     def finish(self) -> None:
+        self.save()
+        self.sink.finish()
+
+    def save(self) -> None:
+        """Commit the rows gathered so far (as on Ctrl-C): the same command resumes after them."""
         if len(self.pending):
             self._commit()
-        self.sink.finish()
 
     def _commit(self) -> None:
         rows, self.pending = self.pending, Rows(self.labels, self.k)

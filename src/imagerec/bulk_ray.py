@@ -213,6 +213,7 @@ def classify_on_ray(
     started = start_ray(ray)
     bar = _progress_bar(progress, already)
     stop_counting = _count_in_background(bar, sources)
+    committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
     try:
         nodes = node_cpus(ray)
         threads, pool, share, _ = plan_shape(nodes, 0, actors, threads)
@@ -222,7 +223,6 @@ def classify_on_ray(
                 f"{sum(nodes)} CPUs: ask for fewer --ray-actors or --threads",
                 code="usage",
             )
-        committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
         for paths in batched(skip_done(iter_sources(sources), done), chunk):
             step = plan_shape(nodes, len(paths), pool, threads, ray_batch)[3]
             # from_items builds the blocks here; from_arrow would run a Ray task a block for
@@ -256,6 +256,9 @@ def classify_on_ray(
             for batch in labelled.iter_batches(batch_size=None, batch_format="numpy"):
                 committer.add(rows_of(batch, loaded.labels, k))
         committer.finish()
+    except KeyboardInterrupt:
+        committer.save()  # the rows that came back are not lost with the ones under way
+        raise
     finally:
         stop_counting.set()
         if bar is not None:

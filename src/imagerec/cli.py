@@ -451,19 +451,27 @@ def cmd_classify(args) -> int:
         commit_rows=args.commit_every,
         ray_actors=args.ray_actors,
     )
-    result = classify(
-        args.bundle,
-        args.sources,
-        args.out,
-        engine=args.engine,
-        model_engine=settings.engine,
-        top_k=settings.top_k,
-        batch_size=settings.classify_batch,
-        threads=settings.classify_threads,
-        commit_rows=settings.commit_rows,
-        max_pixels=settings.max_pixels,
-        ray_actors=settings.ray_actors,
-    )
+    try:
+        result = classify(
+            args.bundle,
+            args.sources,
+            args.out,
+            engine=args.engine,
+            model_engine=settings.engine,
+            top_k=settings.top_k,
+            batch_size=settings.classify_batch,
+            threads=settings.classify_threads,
+            commit_rows=settings.commit_rows,
+            max_pixels=settings.max_pixels,
+            ray_actors=settings.ray_actors,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"imagerec: interrupted; the rows written to {args.out} stay there, and the same "
+            "command resumes after them",
+            file=sys.stderr,
+        )
+        return 130
     errors = ", ".join(f"{n} {code}" for code, n in sorted(result.error_codes.items()))
     print(
         f"wrote {result.written:,} rows to {result.out} in {result.seconds:.1f} s "
