@@ -309,6 +309,39 @@ def test_ctrl_c_commits_the_batches_already_classified(archive, tmp_path, monkey
     assert len(paths) == len(set(paths)) == 84
 
 
+HOLD_OUTPUT = """
+import sys, time
+from pathlib import Path
+from imagerec.bulk import open_sink
+from imagerec.bundle import Bundle
+
+bundle = Bundle.load(sys.argv[2], keras_model=False)
+sink = open_sink(Path(sys.argv[1]), {"name": bundle.name, "version": bundle.version})
+print("holding", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_second_run_on_an_output_being_written_is_refused(archive, tmp_path, suffix, capsys):
+    out = tmp_path / f"results{suffix}"
+    # Another run's hold on the output, as its classify takes it when it opens the output.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_OUTPUT, str(out), str(BUNDLED)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        command = ["classify", str(BUNDLED), str(archive), "--out", str(out)]
+        assert main(command) == 1
+        assert "is being written by another imagerec classify run" in capsys.readouterr().err
+        assert committed_rows(out) == 0
+    finally:
+        holder.kill()  # as a SIGKILLed run: the kernel lets go of its hold
+        holder.wait()
+    assert main(command) == 0
+    assert len(read_table(out)) == 84
+
+
 def committed_rows(out: Path) -> int:
     """Rows that a killed run would keep: the committed parts, or the sidecar's length."""
     if out.suffix == ".parquet":

@@ -54,6 +54,7 @@ FORMATS = (".parquet", ".csv", ".jsonl")
 COLUMNS = ("path", "label", "score", "top_k", "error")
 PART_NAME = re.compile(r"^part-(\d{6,})\.parquet$")
 SUMMARY_FILE = "_imagerec.json"  # in a Parquet folder: readers skip names starting with "_"
+LOCK_FILE = "_imagerec.lock"  # in a Parquet folder, held by the run that writes it
 # Paths hashed per step when skipping what a resumed run has done.
 _FILTER_CHUNK = 4096
 
@@ -443,6 +444,25 @@ def open_sink(out: Path, model: dict):
     return ParquetFolder(out, model) if fmt == ".parquet" else AppendedFile(out, fmt)
 
 
+def _hold_lock(path: Path, out: Path):
+    """`path` opened and locked for this run alone (flock: the kernel lets go when the process
+    ends, however it ends), or InvalidInput if another run holds it. Two runs writing one output
+    would number their parts alike, or append over each other."""
+    import fcntl
+
+    handle = open(path, "ab")  # noqa: SIM115 (held for the run: the sink closes it)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InvalidInput(
+            f"{out} is being written by another imagerec classify run: wait for it to end, or "
+            "choose another --out",
+            code="busy",
+        ) from None
+    return handle
+
+
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -478,21 +498,30 @@ class ParquetFolder:
             )
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".part-*"):  # a run killed while writing a part
-            stale.unlink(missing_ok=True)
-        summary = out / SUMMARY_FILE
-        if summary.is_file():
-            earlier = json.loads(summary.read_text())
-            if earlier.get("version") != model.get("version"):
-                raise InvalidInput(
-                    f"{out} holds labels from model {earlier.get('name')} version "
-                    f"{earlier.get('version')}, not {model.get('name')} version "
-                    f"{model.get('version')}: choose another --out",
-                    code="other_model",
-                )
-        else:
-            _write_durably(summary, json.dumps(model).encode())
-        self.next_part = 1 + max((int(m[1]) for m in self._parts()), default=-1)
+        self.lock = _hold_lock(out / LOCK_FILE, out)  # before anything here is touched
+        try:
+            for stale in out.glob(".part-*"):  # a run killed while writing a part
+                stale.unlink(missing_ok=True)
+            summary = out / SUMMARY_FILE
+            if summary.is_file():
+                earlier = json.loads(summary.read_text())
+                if earlier.get("version") != model.get("version"):
+                    raise InvalidInput(
+                        f"{out} holds labels from model {earlier.get('name')} version "
+                        f"{earlier.get('version')}, not {model.get('name')} version "
+                        f"{model.get('version')}: choose another --out",
+                        code="other_model",
+                    )
+            else:
+                _write_durably(summary, json.dumps(model).encode())
+            self.next_part = 1 + max((int(m[1]) for m in self._parts()), default=-1)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the output, for another run."""
+        self.lock.close()
 
     def _parts(self) -> Iterator[re.Match]:
         for entry in os.scandir(self.out):
@@ -551,12 +580,21 @@ class AppendedFile:
         if out.is_dir():
             raise InvalidInput(f"{out} is a folder; --out names the file to write", code="usage")
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.progress = out.with_name(f".{out.name}.progress")
-        self.recorded = self.progress.is_file()
-        if self.recorded:
-            self.committed = json.loads(self.progress.read_text())["bytes"]
-        else:  # none, or a finished run: everything in the file is committed
-            self.committed = out.stat().st_size if out.exists() else 0
+        self.lock = _hold_lock(out, out)  # the output itself, made empty if it is new
+        try:
+            self.progress = out.with_name(f".{out.name}.progress")
+            self.recorded = self.progress.is_file()
+            if self.recorded:
+                self.committed = json.loads(self.progress.read_text())["bytes"]
+            else:  # none, or a finished run: everything in the file is committed
+                self.committed = out.stat().st_size if out.exists() else 0
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the output, for another run."""
+        self.lock.close()
 
     def _record(self) -> None:
         _write_durably(self.progress, json.dumps({"bytes": self.committed}).encode())
@@ -614,7 +652,7 @@ class AppendedFile:
         self._record()
 
     def finish(self) -> None:
-        if not self.out.exists():  # nothing to write: still an empty table, with its header
+        if self.committed == 0:  # nothing written: still an empty table, with its header
             self.commit(Rows())
         self.progress.unlink(missing_ok=True)
         _fsync_folder(self.out.parent)
@@ -752,7 +790,11 @@ def classify_local(
     k = checked_top_k(top_k, predictor.labels)
     model = {"name": predictor.name, "version": predictor.version, "engine": predictor.engine}
     sink = open_sink(out, model)
-    already, done = sink.done()
+    try:
+        already, done = sink.done()
+    except BaseException:
+        sink.close()
+        raise
     result = BulkResult(out, skipped=already, model=predictor.name, engine=predictor.engine)
     size = predictor.input_size
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
@@ -796,6 +838,7 @@ def classify_local(
     finally:
         for future in in_flight:
             future.cancel()
+        sink.close()
         cv2.setNumThreads(cv_threads)
         stop_counting.set()
         if bar is not None:

@@ -208,9 +208,13 @@ def classify_on_ray(
     k = checked_top_k(top_k, loaded.labels)
     model = {"name": loaded.name, "version": loaded.version, "engine": engine}
     sink = open_sink(out, model)
-    already, done = sink.done()
+    try:
+        already, done = sink.done()
+        started = start_ray(ray)
+    except BaseException:
+        sink.close()
+        raise
     result = BulkResult(out, skipped=already, model=loaded.name, engine=f"ray/{engine}")
-    started = start_ray(ray)
     bar = _progress_bar(progress, already)
     stop_counting = _count_in_background(bar, sources)
     committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
@@ -260,6 +264,7 @@ def classify_on_ray(
         committer.save()  # the rows that came back are not lost with the ones under way
         raise
     finally:
+        sink.close()
         stop_counting.set()
         if bar is not None:
             bar.close()
