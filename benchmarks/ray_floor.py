@@ -32,7 +32,6 @@ TARGET = 0.75  # the ray engine's target share of the limit (issue 21)
 
 def child_floor(count: int) -> dict:
     """The ray engine's Ray Data plan on `count` rows with stages that do nothing, timed."""
-    import numpy as np
     import ray
     import ray.data
 
@@ -63,7 +62,7 @@ def child_floor(count: int) -> dict:
     rows = sum(len(b["path"]) for b in kept.iter_batches(batch_size=None, batch_format="numpy"))
     ray.shutdown()
     seconds = time.monotonic() - start
-    assert rows == count and np.isfinite(seconds)
+    assert rows == count
     return {"rows": rows, "seconds": seconds}
 
 
