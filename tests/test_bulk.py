@@ -495,3 +495,35 @@ def test_the_ray_engine_gives_the_local_engines_table(local_ray, archive, tmp_pa
 def test_the_ray_engine_refuses_more_actors_than_the_cluster_holds(local_ray, archive, tmp_path):
     with pytest.raises(InvalidInput, match="ask for fewer --ray-actors or --threads"):
         classify(BUNDLED, [str(archive)], tmp_path / "r.parquet", engine="ray", ray_actors=8)
+
+
+def test_ctrl_c_on_the_ray_engine_commits_what_came_back_and_stops_the_job(
+    local_ray, archive, tmp_path, monkeypatch
+):
+    import imagerec.bulk_ray
+
+    rows_of, seen = imagerec.bulk_ray.rows_of, []
+
+    def rows_then_ctrl_c(*args, **kwargs):
+        rows = rows_of(*args, **kwargs)
+        seen.append(len(rows))
+        if len(seen) == 2:  # Ctrl-C once two batches have come back
+            os.kill(os.getpid(), signal.SIGINT)
+        return rows
+
+    monkeypatch.setattr(imagerec.bulk_ray, "rows_of", rows_then_ctrl_c)
+    out = tmp_path / "results.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        classify(BUNDLED, [str(archive)], out, engine="ray", commit_rows=10_000, progress=False)
+    saved = committed_rows(out)
+    assert saved == seen[0], (saved, seen)  # the first batch; the second was under way
+    # The job stopped with the command: its actor gives back the cluster's CPUs.
+    deadline = time.monotonic() + 60
+    while local_ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert local_ray.available_resources().get("CPU", 0) == 2
+    monkeypatch.setattr(imagerec.bulk_ray, "rows_of", rows_of)
+    again = classify(BUNDLED, [str(archive)], out, engine="ray", progress=False)
+    assert (again.skipped, again.written) == (saved, 84 - saved)
+    paths = [r["path"] for r in read_table(out)]
+    assert len(paths) == len(set(paths)) == 84

@@ -486,7 +486,24 @@ def _write_durably(path: Path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
-class ParquetFolder:
+class Sink:
+    """An output held by this run (its lock) until closed; `with` closes it however the run
+    ends."""
+
+    lock: io.BufferedWriter
+
+    def close(self) -> None:
+        """Let go of the output, for another run."""
+        self.lock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ParquetFolder(Sink):
     """`out` as a folder of Parquet parts; a part is in the table once renamed into place."""
 
     def __init__(self, out: Path, model: dict):
@@ -518,10 +535,6 @@ class ParquetFolder:
         except BaseException:
             self.close()
             raise
-
-    def close(self) -> None:
-        """Let go of the output, for another run."""
-        self.lock.close()
 
     def _parts(self) -> Iterator[re.Match]:
         for entry in os.scandir(self.out):
@@ -571,7 +584,7 @@ class ParquetFolder:
         pass
 
 
-class AppendedFile:
+class AppendedFile(Sink):
     """A CSV or JSON Lines file appended chunk by chunk; `.NAME.progress` holds the length of
     the committed part while a run is under way."""
 
@@ -591,10 +604,6 @@ class AppendedFile:
         except BaseException:
             self.close()
             raise
-
-    def close(self) -> None:
-        """Let go of the output, for another run."""
-        self.lock.close()
 
     def _record(self) -> None:
         _write_durably(self.progress, json.dumps({"bytes": self.committed}).encode())
@@ -789,60 +798,55 @@ def classify_local(
     start = time.monotonic()
     k = checked_top_k(top_k, predictor.labels)
     model = {"name": predictor.name, "version": predictor.version, "engine": predictor.engine}
-    sink = open_sink(out, model)
-    try:
+    with open_sink(out, model) as sink:  # closed, and so let go of, however the run ends
         already, done = sink.done()
-    except BaseException:
-        sink.close()
-        raise
-    result = BulkResult(out, skipped=already, model=predictor.name, engine=predictor.engine)
-    size = predictor.input_size
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    threads = threads or usable_cores()
-    # Batches queued or under way: enough that a thread never waits for the next.
-    window = 2 * threads
+        result = BulkResult(out, skipped=already, model=predictor.name, engine=predictor.engine)
+        size = predictor.input_size
+        max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        threads = threads or usable_cores()
+        # Batches queued or under way: enough that a thread never waits for the next.
+        window = 2 * threads
 
-    bar = _progress_bar(progress, already)
-    stop_counting = _count_in_background(bar, sources)
+        bar = _progress_bar(progress, already)
+        stop_counting = _count_in_background(bar, sources)
 
-    def classify_batch(paths: list[str]) -> Rows:
-        pixels, ok, errors = decode_batch(paths, size, max_pixels)
-        probs = predictor.predict_arrays(pixels)
-        return ranked_rows(paths, probs, ok, errors, predictor.labels, k)
+        def classify_batch(paths: list[str]) -> Rows:
+            pixels, ok, errors = decode_batch(paths, size, max_pixels)
+            probs = predictor.predict_arrays(pixels)
+            return ranked_rows(paths, probs, ok, errors, predictor.labels, k)
 
-    # OpenCV's own threads would compete with the pool, which already uses every core.
-    cv_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    hold_decode_buffers()  # the next image reuses the last one's pages (a photo's decode: -40%)
-    committer = Committer(sink, result, bar, predictor.labels, k, commit_rows, commit_s)
-    in_flight: deque[Future] = deque()
-    try:
-        with ThreadPoolExecutor(threads, "imagerec-classify") as pool:
-            batches = batched(skip_done(iter_sources(sources), done), batch_size)
-            del done  # the hashes are only needed by the filter, which holds them
-            exhausted = False
-            while in_flight or not exhausted:
-                while not exhausted and len(in_flight) < window:
-                    paths = next(batches, None)
-                    if paths is None:
-                        exhausted = True
+        # OpenCV's own threads would compete with the pool, which already uses every core.
+        cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        hold_decode_buffers()  # the next image reuses the last one's pages (a photo's decode: -40%)
+        committer = Committer(sink, result, bar, predictor.labels, k, commit_rows, commit_s)
+        in_flight: deque[Future] = deque()
+        try:
+            with ThreadPoolExecutor(threads, "imagerec-classify") as pool:
+                batches = batched(skip_done(iter_sources(sources), done), batch_size)
+                del done  # the hashes are only needed by the filter, which holds them
+                exhausted = False
+                while in_flight or not exhausted:
+                    while not exhausted and len(in_flight) < window:
+                        paths = next(batches, None)
+                        if paths is None:
+                            exhausted = True
+                            break
+                        in_flight.append(pool.submit(classify_batch, paths))
+                    if not in_flight:
                         break
-                    in_flight.append(pool.submit(classify_batch, paths))
-                if not in_flight:
-                    break
-                committer.add(in_flight.popleft().result())
-            committer.finish()
-    except KeyboardInterrupt:
-        committer.save()  # the batches that finished are not lost with the ones under way
-        raise
-    finally:
-        for future in in_flight:
-            future.cancel()
-        sink.close()
-        cv2.setNumThreads(cv_threads)
-        stop_counting.set()
-        if bar is not None:
-            bar.close()
+                    committer.add(in_flight.popleft().result())
+                committer.finish()
+        except KeyboardInterrupt:
+            committer.save()  # the batches that finished are not lost with the ones under way
+            raise
+        finally:
+            for future in in_flight:
+                future.cancel()
+            cv2.setNumThreads(cv_threads)
+            stop_counting.set()
+            if bar is not None:
+                bar.close()
     if result.written == 0 and result.skipped == 0:
         log.warning("the sources named no image files")
     result.seconds = time.monotonic() - start

@@ -207,68 +207,63 @@ def classify_on_ray(
     engine = choose_engine(loaded, model_engine)
     k = checked_top_k(top_k, loaded.labels)
     model = {"name": loaded.name, "version": loaded.version, "engine": engine}
-    sink = open_sink(out, model)
-    try:
+    with open_sink(out, model) as sink:  # closed, and so let go of, however the run ends
         already, done = sink.done()
         started = start_ray(ray)
-    except BaseException:
-        sink.close()
-        raise
-    result = BulkResult(out, skipped=already, model=loaded.name, engine=f"ray/{engine}")
-    bar = _progress_bar(progress, already)
-    stop_counting = _count_in_background(bar, sources)
-    committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
-    try:
-        nodes = node_cpus(ray)
-        threads, pool, share, _ = plan_shape(nodes, 0, actors, threads)
-        if (pool + 1) * share > sum(nodes):
-            raise InvalidInput(
-                f"{pool} actors of {threads} threads ask for more than the cluster's "
-                f"{sum(nodes)} CPUs: ask for fewer --ray-actors or --threads",
-                code="usage",
-            )
-        for paths in batched(skip_done(iter_sources(sources), done), chunk):
-            step = plan_shape(nodes, len(paths), pool, threads, ray_batch)[3]
-            # from_items builds the blocks here; from_arrow would run a Ray task a block for
-            # their metadata, and have Ray start worker processes (seconds of CPU each) for it.
-            # Paths go as bytes: a name that is not UTF-8 has no place in an Arrow string.
-            dataset = ray.data.from_items(
-                [{"path": os.fsencode(path)} for path in paths],
-                override_num_blocks=-(-len(paths) // step),
-            )
-            decoded = dataset.map_batches(
-                decode_for_ray,
-                fn_kwargs={"size": loaded.preprocess.input_size, "max_pixels": max_pixels},
-                batch_size=step,
-                batch_format="numpy",
-                num_cpus=share,
-            )
-            labelled = decoded.map_batches(
-                RayClassifier,
-                fn_constructor_kwargs={
-                    "bundle": str(Path(bundle).resolve()),
-                    "engine": engine,
-                    "threads": threads,
-                    "top_k": k,
-                    "batch_size": batch_size,
-                },
-                batch_size=step,
-                batch_format="numpy",
-                compute=actor_pool(ray, pool, threads),
-                num_cpus=share,
-            )
-            for batch in labelled.iter_batches(batch_size=None, batch_format="numpy"):
-                committer.add(rows_of(batch, loaded.labels, k))
-        committer.finish()
-    except KeyboardInterrupt:
-        committer.save()  # the rows that came back are not lost with the ones under way
-        raise
-    finally:
-        sink.close()
-        stop_counting.set()
-        if bar is not None:
-            bar.close()
-        if started:
-            ray.shutdown()
+        result = BulkResult(out, skipped=already, model=loaded.name, engine=f"ray/{engine}")
+        bar = _progress_bar(progress, already)
+        stop_counting = _count_in_background(bar, sources)
+        committer = Committer(sink, result, bar, loaded.labels, k, commit_rows, commit_s)
+        try:
+            nodes = node_cpus(ray)
+            threads, pool, share, _ = plan_shape(nodes, 0, actors, threads)
+            if (pool + 1) * share > sum(nodes):
+                raise InvalidInput(
+                    f"{pool} actors of {threads} threads ask for more than the cluster's "
+                    f"{sum(nodes)} CPUs: ask for fewer --ray-actors or --threads",
+                    code="usage",
+                )
+            for paths in batched(skip_done(iter_sources(sources), done), chunk):
+                step = plan_shape(nodes, len(paths), pool, threads, ray_batch)[3]
+                # from_items builds the blocks here; from_arrow would run a Ray task a block for
+                # their metadata, and have Ray start worker processes (seconds of CPU each) for it.
+                # Paths go as bytes: a name that is not UTF-8 has no place in an Arrow string.
+                dataset = ray.data.from_items(
+                    [{"path": os.fsencode(path)} for path in paths],
+                    override_num_blocks=-(-len(paths) // step),
+                )
+                decoded = dataset.map_batches(
+                    decode_for_ray,
+                    fn_kwargs={"size": loaded.preprocess.input_size, "max_pixels": max_pixels},
+                    batch_size=step,
+                    batch_format="numpy",
+                    num_cpus=share,
+                )
+                labelled = decoded.map_batches(
+                    RayClassifier,
+                    fn_constructor_kwargs={
+                        "bundle": str(Path(bundle).resolve()),
+                        "engine": engine,
+                        "threads": threads,
+                        "top_k": k,
+                        "batch_size": batch_size,
+                    },
+                    batch_size=step,
+                    batch_format="numpy",
+                    compute=actor_pool(ray, pool, threads),
+                    num_cpus=share,
+                )
+                for batch in labelled.iter_batches(batch_size=None, batch_format="numpy"):
+                    committer.add(rows_of(batch, loaded.labels, k))
+            committer.finish()
+        except KeyboardInterrupt:
+            committer.save()  # the rows that came back are not lost with the ones under way
+            raise
+        finally:
+            stop_counting.set()
+            if bar is not None:
+                bar.close()
+            if started:
+                ray.shutdown()
     result.seconds = time.monotonic() - start
     return result
