@@ -138,6 +138,52 @@ def test_sources_are_folders_globs_images_and_path_lists(archive, tmp_path):
     assert walked[:4] == top and walked[4:] == sorted(walked[4:]) and len(walked) == 84
 
 
+def test_each_image_file_is_named_once_however_the_sources_reach_it(archive, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(archive / "2024", tree / "2024")
+    (tree / "elsewhere").mkdir()
+    shutil.copy(next(CIFAR_SMALL.glob("ship/*.jpg")), tree / "elsewhere" / "ship.jpg")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(next(CIFAR_SMALL.glob("frog/*.jpg")), outside / "frog.jpg")
+    (tree / "linked").symlink_to(outside)  # a linked folder is walked like any other
+    (tree / "2024" / "up").symlink_to(tree)  # a link back up the tree ends at its first folder
+    everything = list(iter_sources([tree]))
+    assert len(everything) == len(set(everything)) == 81 + 2  # 2024 holds cut.jpg too
+    assert str(tree / "linked" / "frog.jpg") in everything
+    dog = sorted(str(p) for p in (tree / "2024" / "dog").glob("*.jpg"))[0]
+    for sources in (
+        [f"{tree}/**"],  # names every folder of the tree, and every file in it
+        [tree, tree / "2024", dog, f"{tree}/2024/dog/*.jpg"],
+        [dog, tree],  # a file named first, then its folder
+        [f"{tree}/**/*.jpg", f"{tree}/2024/*/*.jpg", tree],
+    ):
+        named = list(iter_sources(sources))
+        assert sorted(named) == sorted(everything), sources
+    # End to end: one row an image, as the resume promises.
+    out = tmp_path / "once.jsonl"
+    result = classify(BUNDLED, [f"{tree}/**", str(tree)], out, progress=False)
+    paths = [r["path"] for r in read_table(out)]
+    assert result.written == len(paths) == len(set(paths)) == 83
+
+
+def test_a_folder_that_cannot_be_listed_is_named_in_a_warning(archive, monkeypatch, caplog):
+    scandir = os.scandir
+    dogs = str(archive / "2024" / "dog")
+
+    def refusing(path="."):
+        if os.fspath(path) == dogs:  # as for a folder this user may not read
+            raise PermissionError(13, "Permission denied", dogs)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with caplog.at_level("WARNING", logger="imagerec.bulk"):
+        named = list(iter_sources([archive]))
+    assert len(named) == 84 - 8 and not any("/dog/" in p for p in named)
+    assert f"cannot list {dogs} ([Errno 13] Permission denied" in caplog.text
+    assert "its images are left out" in caplog.text
+
+
 def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     def refused(*args: str) -> str:
         assert main(["classify", str(BUNDLED), *args]) == 1

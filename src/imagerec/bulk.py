@@ -80,24 +80,29 @@ class BulkResult:
 # Sources ------------------------------------------------------------------------------------
 
 
-def iter_sources(sources: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Every image path the sources name, lazily, in a stable order.
+def iter_sources(sources: Iterable[str | os.PathLike], quiet: bool = False) -> Iterator[str]:
+    """Every image path the sources name, lazily, in a stable order, each image file once
+    however many sources reach it (but for a path list's own lines).
 
-    A folder is walked recursively in sorted order for files with an image suffix; a file with
-    an image suffix is itself; any other file lists paths, one a line (blank lines and lines
-    starting with # are skipped); anything else is a glob pattern (`**` recurses)."""
+    A folder is walked recursively in sorted order for files with an image suffix, into linked
+    folders too (each folder once, so a link back up the tree ends); one that cannot be listed
+    is skipped with a warning (none if `quiet`). A file with an image suffix is itself; any other
+    file lists paths, one a line (blank lines and lines starting with # are skipped); anything
+    else is a glob pattern (`**` recurses)."""
+    seen = _Seen()
     for source in sources:
         text = os.fspath(source)
         path = Path(text)
         if path.is_dir():
-            yield from _walk(path)
+            yield from _walk(text, seen, quiet)
         elif path.is_file():
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                yield text
+                if seen.first_naming(text):
+                    yield text
             else:
                 yield from _listed(path)
         elif glob.has_magic(text):
-            yield from _globbed(text)
+            yield from _globbed(text, seen, quiet)
         else:
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
 
@@ -110,12 +115,74 @@ def check_sources(sources: Iterable[str | os.PathLike]) -> None:
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
 
 
-def _walk(root: Path) -> Iterator[str]:
-    for folder, subfolders, files in os.walk(root):
+class _Seen:
+    """What one run's sources have reached so far, each as (device, inode): the folders walked,
+    so that a folder reached again (through a link, or by another source) is not walked twice,
+    and the image files named one by one (by a source or a glob)."""
+
+    def __init__(self):
+        self.folders: set[tuple[int, int]] = set()
+        self.files: set[tuple[int, int]] = set()
+        self.last_folder: tuple[str, tuple[int, int]] = ("", (0, 0))  # a glob's files in turn
+
+    def first_walk(self, folder: str) -> bool:
+        key = _file_id(folder)
+        if key in self.folders:
+            return False
+        self.folders.add(key)
+        return True
+
+    def first_naming(self, file: str) -> bool:
+        try:
+            folder = os.path.dirname(os.path.abspath(file))
+            if folder != self.last_folder[0]:
+                self.last_folder = (folder, _file_id(folder))
+            if self.last_folder[1] in self.folders:
+                return False  # its folder's walk named it
+            key = _file_id(file)
+        except OSError:  # a dangling link, say: named, to become an error row
+            return True
+        if key in self.files:
+            return False
+        self.files.add(key)
+        return True
+
+    def walk_names(self, file: str) -> bool:
+        """Whether a walk should name `file` (not if it was named one by one already)."""
+        if not self.files:  # the usual case: a folder alone costs no stat a file
+            return True
+        try:
+            return _file_id(file) not in self.files
+        except OSError:
+            return True
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _walk(root: str, seen: _Seen, quiet: bool) -> Iterator[str]:
+    def unlisted(error: OSError) -> None:
+        if not quiet:  # the images in it get no rows: say so rather than lose them silently
+            log.warning("cannot list %s (%s): its images are left out", error.filename, error)
+
+    for folder, subfolders, files in os.walk(root, onerror=unlisted, followlinks=True):
+        try:
+            first = seen.first_walk(folder)
+        except OSError as error:
+            unlisted(error)
+            subfolders.clear()
+            continue
+        if not first:
+            subfolders.clear()
+            continue
         subfolders.sort()
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                yield os.path.join(folder, name)
+                file = os.path.join(folder, name)
+                if seen.walk_names(file):
+                    yield file
 
 
 def _listed(path: Path) -> Iterator[str]:
@@ -132,18 +199,21 @@ def _listed(path: Path) -> Iterator[str]:
         ) from None
 
 
-def _globbed(pattern: str) -> Iterator[str]:
-    for match in sorted(glob.iglob(pattern, recursive=True)):
+def _globbed(pattern: str, seen: _Seen, quiet: bool) -> Iterator[str]:
+    # Shallowest first: where `**` reaches a file by more than one path (through a link), the
+    # shortest is the one named.
+    matches = sorted(glob.iglob(pattern, recursive=True), key=lambda m: (m.count(os.sep), m))
+    for match in matches:
         if os.path.isdir(match):
-            yield from _walk(Path(match))
-        elif os.path.splitext(match)[1].lower() in IMAGE_SUFFIXES:
-            yield match
+            yield from _walk(match, seen, quiet)
+        elif os.path.splitext(match)[1].lower() in IMAGE_SUFFIXES and seen.first_naming(match):
+            yield match  # unless a walk named it: `dir/**` names a folder and its files both
 
 
 def count_sources(sources: list[str], stop: threading.Event) -> int | None:
     """How many paths the sources name (None if stopped first): the progress bar's total."""
     count = 0
-    for _ in iter_sources(sources):
+    for _ in iter_sources(sources, quiet=True):  # the run itself gives any warnings
         if stop.is_set():
             return None
         count += 1
