@@ -184,6 +184,28 @@ def test_a_folder_that_cannot_be_listed_is_named_in_a_warning(archive, monkeypat
     assert "its images are left out" in caplog.text
 
 
+def test_a_path_list_on_standard_input_as_find_gives_it(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    ship = next(CIFAR_SMALL.glob("ship/*.jpg"))
+    shutil.copy(ship, folder / "ship.jpg")
+    shutil.copy(ship, folder / os.fsdecode(b"caf\xe9.jpg"))  # a name that is not UTF-8
+    # find's output: the file system's bytes, one name a line.
+    listing = b"\n".join(bytes(p) for p in sorted(folder.iterdir())) + b"\n"
+    out = tmp_path / "r.csv"
+    command = [sys.executable, "-m", "imagerec.cli", "classify", str(BUNDLED), "-"]
+    command += ["--out", str(out)]
+    run = subprocess.run(command, input=listing, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()
+    assert {r["path"]: r["label"] for r in read_table(out)} == {
+        f"{folder}/caf\\xe9.jpg": "ship",
+        f"{folder}/ship.jpg": "ship",
+    }
+    again = subprocess.run(command, input=listing, capture_output=True, timeout=120)
+    assert b"2 images were already there and were skipped" in again.stdout
+    assert len(read_table(out)) == 2
+
+
 def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     def refused(*args: str) -> str:
         assert main(["classify", str(BUNDLED), *args]) == 1

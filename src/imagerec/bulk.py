@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import threading
 import time
 from collections import deque
@@ -55,6 +56,7 @@ COLUMNS = ("path", "label", "score", "top_k", "error")
 PART_NAME = re.compile(r"^part-(\d{6,})\.parquet$")
 SUMMARY_FILE = "_imagerec.json"  # in a Parquet folder: readers skip names starting with "_"
 LOCK_FILE = "_imagerec.lock"  # in a Parquet folder, held by the run that writes it
+STDIN = "-"  # the source that is a path list read from standard input
 # Paths hashed per step when skipping what a resumed run has done.
 _FILTER_CHUNK = 4096
 
@@ -87,13 +89,16 @@ def iter_sources(sources: Iterable[str | os.PathLike], quiet: bool = False) -> I
     A folder is walked recursively in sorted order for files with an image suffix, into linked
     folders too (each folder once, so a link back up the tree ends); one that cannot be listed
     is skipped with a warning (none if `quiet`). A file with an image suffix is itself; any other
-    file lists paths, one a line (blank lines and lines starting with # are skipped); anything
-    else is a glob pattern (`**` recurses)."""
+    file lists paths, one a line (blank lines and lines starting with # are skipped), and `-`
+    is such a list read from standard input (`find ... | imagerec classify BUNDLE - ...`), its
+    names as the file system's bytes; anything else is a glob pattern (`**` recurses)."""
     seen = _Seen()
     for source in sources:
         text = os.fspath(source)
         path = Path(text)
-        if path.is_dir():
+        if text == STDIN:
+            yield from _path_lines(os.fsdecode(line) for line in sys.stdin.buffer)
+        elif path.is_dir():
             yield from _walk(text, seen, quiet)
         elif path.is_file():
             if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -111,7 +116,7 @@ def check_sources(sources: Iterable[str | os.PathLike]) -> None:
     """Raise InvalidInput for a source that names nothing, before any work starts."""
     for source in sources:
         text = os.fspath(source)
-        if not (os.path.exists(text) or glob.has_magic(text)):
+        if not (text == STDIN or os.path.exists(text) or glob.has_magic(text)):
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
 
 
@@ -185,13 +190,17 @@ def _walk(root: str, seen: _Seen, quiet: bool) -> Iterator[str]:
                     yield file
 
 
+def _path_lines(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield line
+
+
 def _listed(path: Path) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8") as lines:
-            for line in lines:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    yield line
+            yield from _path_lines(lines)
     except UnicodeDecodeError:
         raise InvalidInput(
             f"{path} is neither an image (by its suffix) nor a UTF-8 text file listing paths",
@@ -211,7 +220,10 @@ def _globbed(pattern: str, seen: _Seen, quiet: bool) -> Iterator[str]:
 
 
 def count_sources(sources: list[str], stop: threading.Event) -> int | None:
-    """How many paths the sources name (None if stopped first): the progress bar's total."""
+    """How many paths the sources name (None if stopped first, or if standard input is one
+    of them: it can be read only once): the progress bar's total."""
+    if STDIN in sources:
+        return None
     count = 0
     for _ in iter_sources(sources, quiet=True):  # the run itself gives any warnings
         if stop.is_set():

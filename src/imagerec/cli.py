@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SOURCE",
         help="a folder (walked recursively), a glob pattern, an image, or a text file listing "
-        "image paths one a line",
+        "image paths one a line (-: such a list on standard input)",
     )
     classify.add_argument(
         "--out",
