@@ -462,6 +462,28 @@ def test_a_write_that_fails_stops_the_run_with_a_message_and_the_run_resumes(
     assert len(paths) == len(set(paths)) == 84
 
 
+def test_a_ray_address_where_nothing_answers_fails_at_once_with_a_message(archive, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    out = tmp_path / "r.parquet"
+    command = [sys.executable, "-m", "imagerec.cli", "classify", str(BUNDLED), str(archive)]
+    command += ["--out", str(out), "--engine", "ray"]
+    # Ray alone retried such an address for over 5 minutes: the timeout fails the test.
+    run = subprocess.run(
+        command,
+        env={**os.environ, "RAY_ADDRESS": address},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert f"Ray could not start: nothing answers at {address} (RAY_ADDRESS)" in run.stderr
+    assert "Traceback" not in run.stderr and committed_rows(out) == 0
+
+
 def test_without_ray_the_message_says_how_to_install_it(archive, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     out = tmp_path / "r.parquet"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def start_ray(ray) -> bool:
     """Join RAY_ADDRESS's cluster, or start a local one; True if this call started Ray."""
     if ray.is_initialized():
         return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_answers(address)
     try:
-        if os.environ.get("RAY_ADDRESS"):
+        if address:
             ray.init(logging_level=logging.WARNING)
         else:
             # A cluster for this command alone: no dashboard (its extra packages are not part
@@ -75,6 +79,24 @@ def start_ray(ray) -> bool:
     if not log.isEnabledFor(logging.DEBUG):  # Ray Data's plan and per-operator lines
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True
+
+
+def check_answers(address: str, timeout: float = 10.0) -> None:
+    """An ImagerecError at once if nothing listens at RAY_ADDRESS's host:port (or does not
+    answer within `timeout` seconds): Ray itself retries such an address for minutes (over 5
+    measured here) before it gives up. "auto" and the like are left to Ray, which finds the
+    cluster itself and says at once when none is running."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ImagerecError(
+            f"Ray could not start: nothing answers at {address} (RAY_ADDRESS): {exc}; is the "
+            "cluster up (ray status), and is this its head's address?",
+            code="ray_unavailable",
+        ) from None
 
 
 def node_cpus(ray) -> list[int]:
