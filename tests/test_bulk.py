@@ -377,6 +377,44 @@ def test_ctrl_c_commits_the_batches_already_classified(archive, tmp_path, monkey
     assert len(paths) == len(set(paths)) == 84
 
 
+SIGTERM_AFTER_5_BATCHES = """
+import os, signal, sys
+import imagerec.bulk
+from imagerec.cli import main
+
+ranked, seen = imagerec.bulk.ranked_rows, []
+
+def ranked_then_sigterm(*args, **kwargs):
+    rows = ranked(*args, **kwargs)
+    seen.append(len(rows))
+    if len(seen) == 5:  # as kill, timeout or a container's stop sends it
+        os.kill(os.getpid(), signal.SIGTERM)
+    return rows
+
+imagerec.bulk.ranked_rows = ranked_then_sigterm
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_commits_the_batches_already_classified_as_ctrl_c_does(archive, tmp_path):
+    out = tmp_path / "results.parquet"
+    args = ["classify", str(BUNDLED), str(archive), "--out", str(out), "--threads", "1"]
+    args += ["--batch-size", "8", "--commit-every", "10000"]  # only the stop commits
+    stopped = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AFTER_5_BATCHES, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stopped.returncode == 143, stopped.stderr
+    assert f"imagerec: stopped (SIGTERM); the rows written to {out} stay there" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    saved = committed_rows(out)
+    assert 8 <= saved <= 40 and saved % 8 == 0, saved
+    again = classify(BUNDLED, [str(archive)], out, progress=False)
+    assert (again.skipped, again.written) == (saved, 84 - saved)
+
+
 HOLD_OUTPUT = """
 import sys, time
 from pathlib import Path

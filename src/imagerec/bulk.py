@@ -836,6 +836,15 @@ def classify(
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a container or service being stopped) during a run: taken as
+    Ctrl-C is, so the batches that finished are committed before the command exits."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 # The local engine -----------------------------------------------------------------------------
 
 

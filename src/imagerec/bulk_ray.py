@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from imagerec.bulk import (
     iter_sources,
     open_sink,
     path_text,
+    raise_terminated,
     skip_done,
     top_k_columns,
 )
@@ -64,6 +67,7 @@ def start_ray(ray) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_answers(address)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(logging_level=logging.WARNING)
@@ -76,6 +80,8 @@ def start_ray(ray) -> bool:
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
         raise ImagerecError(f"Ray could not start: {exc}", code="ray_unavailable") from None
+    if on_sigterm is raise_terminated and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # the command's: ray.init put an exit there
     if not log.isEnabledFor(logging.DEBUG):  # Ray Data's plan and per-operator lines
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True

@@ -441,7 +441,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from imagerec.bulk import classify
+    import signal
+
+    from imagerec.bulk import Terminated, classify, raise_terminated
 
     settings = Settings.from_env(
         engine=args.model_engine,
@@ -451,6 +453,7 @@ def cmd_classify(args) -> int:
         commit_rows=args.commit_every,
         ray_actors=args.ray_actors,
     )
+    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         result = classify(
             args.bundle,
@@ -465,13 +468,16 @@ def cmd_classify(args) -> int:
             max_pixels=settings.max_pixels,
             ray_actors=settings.ray_actors,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        how = "stopped (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         print(
-            f"imagerec: interrupted; the rows written to {args.out} stay there, and the same "
+            f"imagerec: {how}; the rows written to {args.out} stay there, and the same "
             "command resumes after them",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     errors = ", ".join(f"{n} {code}" for code, n in sorted(result.error_codes.items()))
     print(
         f"wrote {result.written:,} rows to {result.out} in {result.seconds:.1f} s "
