@@ -237,6 +237,12 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     (other / "_imagerec.json").write_text(json.dumps({"name": "x", "version": "0123456789ab"}))
     assert "not cifar10 version" in refused(str(archive), "--out", str(other))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("r.", ".r."))]
+    # A finished table given as a SOURCE too: its lines would be labelled as paths into itself.
+    table = tmp_path / "done.csv"
+    classify(BUNDLED, [str(archive)], table, progress=False)
+    before = table.read_bytes()
+    assert "is the output (--out) as well" in refused(str(table), "--out", str(table))
+    assert table.read_bytes() == before
 
 
 def test_a_finished_run_run_again_adds_only_new_images(archive, tmp_path):

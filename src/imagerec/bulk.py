@@ -112,12 +112,27 @@ def iter_sources(sources: Iterable[str | os.PathLike], quiet: bool = False) -> I
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
 
 
-def check_sources(sources: Iterable[str | os.PathLike]) -> None:
-    """Raise InvalidInput for a source that names nothing, before any work starts."""
+def check_sources(sources: Iterable[str | os.PathLike], out: Path | None = None) -> None:
+    """Raise InvalidInput, before any work starts, for a source that names nothing, or that is
+    the output `out` itself: a results table read as a path list would have each of its own
+    lines added to it as an unreadable path."""
     for source in sources:
         text = os.fspath(source)
         if not (text == STDIN or os.path.exists(text) or glob.has_magic(text)):
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
+        if out is not None and text != STDIN and _same_file(text, out):
+            raise InvalidInput(
+                f"{text} is the output (--out) as well: name the images to label as SOURCE, "
+                "and another --out",
+                code="usage",
+            )
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing
+        return False
 
 
 class _Seen:
@@ -791,7 +806,7 @@ def classify(
     stops the run with an ImagerecError (code io_error) that names it."""
     out = Path(out)
     output_format(out)
-    check_sources(sources)
+    check_sources(sources, out)
     if batch_size < 1 or commit_rows < 1:
         raise InvalidInput("the batch size and the rows a commit holds must be at least 1")
     if threads < 0:
