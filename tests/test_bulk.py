@@ -626,6 +626,21 @@ def test_the_ray_engine_gives_the_local_engines_table(local_ray, archive, tmp_pa
     }
 
 
+def test_the_ray_engine_reads_relative_paths_from_the_commands_folder(
+    local_ray, archive, tmp_path, monkeypatch
+):
+    # The cluster's workers started in another folder, as those of a running cluster do.
+    monkeypatch.chdir(archive.parent)
+    out = tmp_path / "relative.jsonl"
+    result = classify(BUNDLED, ["photos/2024/cat"], out, engine="ray", progress=False)
+    rows = read_table(out)
+    assert result.errors == 0, rows[0]["error"]
+    assert sorted(r["path"] for r in rows) == sorted(
+        f"photos/2024/cat/{p.name}" for p in (archive / "2024" / "cat").glob("*.jpg")
+    )
+    assert all(r["label"] for r in rows)
+
+
 def test_the_ray_engine_refuses_more_actors_than_the_cluster_holds(local_ray, archive, tmp_path):
     with pytest.raises(InvalidInput, match="ask for fewer --ray-actors or --threads"):
         classify(BUNDLED, [str(archive)], tmp_path / "r.parquet", engine="ray", ray_actors=8)

@@ -17,6 +17,7 @@ imports Ray Data), so one process a node, not one a CPU, keeps that cost off sma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -114,12 +115,21 @@ def node_cpus(ray) -> list[int]:
     ] or [1]
 
 
-def decode_for_ray(batch: dict, size: tuple[int, int], max_pixels: int | None) -> dict:
+def decode_for_ray(
+    batch: dict, size: tuple[int, int], max_pixels: int | None, cwd: str | None = None
+) -> dict:
     """A map_batches stage: {"path"} (the file system's bytes) -> paths (as the output holds
-    them), pixels at the input size, and errors."""
+    them), pixels at the input size, and errors. Relative paths are read from `cwd`, the
+    command's folder: the workers of a running cluster start in folders of their own (a
+    cluster's workers run this job alone, and Ray itself moves them into a job's working_dir)."""
     import cv2
 
     from imagerec.images import DEFAULT_MAX_PIXELS, hold_decode_buffers
+
+    if cwd:
+        with contextlib.suppress(OSError):  # not on this node: relative paths are error rows
+            if os.getcwd() != cwd:
+                os.chdir(cwd)
 
     # Each batch is decoded on one core; OpenCV's own threads on top of that only compete.
     cv2.setNumThreads(1)
@@ -262,7 +272,11 @@ def classify_on_ray(
                 )
                 decoded = dataset.map_batches(
                     decode_for_ray,
-                    fn_kwargs={"size": loaded.preprocess.input_size, "max_pixels": max_pixels},
+                    fn_kwargs={
+                        "size": loaded.preprocess.input_size,
+                        "max_pixels": max_pixels,
+                        "cwd": os.getcwd(),
+                    },
                     batch_size=step,
                     batch_format="numpy",
                     num_cpus=share,
