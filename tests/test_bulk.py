@@ -215,6 +215,13 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     assert "must end in .parquet, .csv, .jsonl" in refused(str(archive), "--out", "r.xlsx")
     assert "no such folder, file or glob" in refused(str(tmp_path / "nope"), "--out", csv_out)
     assert "--top-k must be between 1 and 10" in refused(str(archive), "--out", csv_out, "-k", "11")
+    for flag, value in [("--batch-size", "0"), ("--batch-size", "100000")]:
+        assert "--batch-size must be between 1 and 4096" in refused(
+            str(archive), "--out", csv_out, flag, value
+        )
+    assert "--commit-every must be at least 1" in refused(
+        str(archive), "--out", csv_out, "--commit-every", "0"
+    )
     assert "--threads must be at least 1" in refused(
         str(archive), "--out", csv_out, "--threads", "-1"
     )

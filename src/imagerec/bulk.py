@@ -57,6 +57,7 @@ PART_NAME = re.compile(r"^part-(\d{6,})\.parquet$")
 SUMMARY_FILE = "_imagerec.json"  # in a Parquet folder: readers skip names starting with "_"
 LOCK_FILE = "_imagerec.lock"  # in a Parquet folder, held by the run that writes it
 STDIN = "-"  # the source that is a path list read from standard input
+MAX_BATCH = 4096  # images a batch, at most
 # Paths hashed per step when skipping what a resumed run has done.
 _FILTER_CHUNK = 4096
 
@@ -807,8 +808,12 @@ def classify(
     out = Path(out)
     output_format(out)
     check_sources(sources, out)
-    if batch_size < 1 or commit_rows < 1:
-        raise InvalidInput("the batch size and the rows a commit holds must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        # A batch holds its decoded images, and 2 a thread are in flight: at a 224x224 model's
+        # 150 KB an image, 100,000 a batch would ask for tens of GB.
+        raise InvalidInput(f"--batch-size must be between 1 and {MAX_BATCH}", code="usage")
+    if commit_rows < 1:
+        raise InvalidInput("--commit-every must be at least 1", code="usage")
     if threads < 0:
         raise InvalidInput("--threads must be at least 1 (or 0: one a core)", code="usage")
     if ray_actors < 0:
