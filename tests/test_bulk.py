@@ -239,6 +239,13 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
         )
         assert (tmp_path / name).read_text() == text  # left as it was
         assert not (tmp_path / f".{name}.progress").exists()
+    theirs = tmp_path / "theirs.parquet"  # another tool's dataset: nothing is added to it
+    theirs.mkdir()
+    (theirs / "0_000000_000000.parquet").write_text("another writer's part")
+    assert "is a folder that imagerec classify did not write" in refused(
+        str(archive), "--out", str(theirs)
+    )
+    assert [p.name for p in theirs.iterdir()] == ["0_000000_000000.parquet"]
     other = tmp_path / "other.parquet"
     other.mkdir()
     (other / "_imagerec.json").write_text(json.dumps({"name": "x", "version": "0123456789ab"}))

@@ -611,6 +611,14 @@ class ParquetFolder(Sink):
                 "choose another --out",
                 code="usage",
             )
+        if out.is_dir() and not (out / SUMMARY_FILE).is_file():
+            theirs = sorted(e.name for e in os.scandir(out) if e.name != LOCK_FILE)
+            if theirs:  # another tool's dataset, say: parts added among its files would mix
+                raise InvalidInput(
+                    f"{out} is a folder that imagerec classify did not write (it holds "
+                    f"{theirs[0]!r}{' and more' if len(theirs) > 1 else ''}): choose another --out",
+                    code="usage",
+                )
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.lock = _hold_lock(out / LOCK_FILE, out)  # before anything here is touched
