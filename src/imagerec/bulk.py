@@ -588,7 +588,18 @@ class Sink:
     """An output held by this run (its lock) until closed; `with` closes it however the run
     ends."""
 
+    out: Path
     lock: io.BufferedWriter
+
+    def _take(self, lock_path: Path, read_earlier) -> None:
+        """Lock the output before anything in it is touched, then `read_earlier()` what earlier
+        runs left there; if that fails, let go again."""
+        self.lock = _hold_lock(lock_path, self.out)
+        try:
+            read_earlier()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Let go of the output, for another run."""
@@ -621,26 +632,24 @@ class ParquetFolder(Sink):
                 )
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.lock = _hold_lock(out / LOCK_FILE, out)  # before anything here is touched
-        try:
-            for stale in out.glob(".part-*"):  # a run killed while writing a part
-                stale.unlink(missing_ok=True)
-            summary = out / SUMMARY_FILE
-            if summary.is_file():
-                earlier = json.loads(summary.read_text())
-                if earlier.get("version") != model.get("version"):
-                    raise InvalidInput(
-                        f"{out} holds labels from model {earlier.get('name')} version "
-                        f"{earlier.get('version')}, not {model.get('name')} version "
-                        f"{model.get('version')}: choose another --out",
-                        code="other_model",
-                    )
-            else:
-                _write_durably(summary, json.dumps(model).encode())
-            self.next_part = 1 + max((int(m[1]) for m in self._parts()), default=-1)
-        except BaseException:
-            self.close()
-            raise
+        self._take(out / LOCK_FILE, lambda: self._read_earlier(model))
+
+    def _read_earlier(self, model: dict) -> None:
+        for stale in self.out.glob(".part-*"):  # a run killed while writing a part
+            stale.unlink(missing_ok=True)
+        summary = self.out / SUMMARY_FILE
+        if summary.is_file():
+            earlier = json.loads(summary.read_text())
+            if earlier.get("version") != model.get("version"):
+                raise InvalidInput(
+                    f"{self.out} holds labels from model {earlier.get('name')} version "
+                    f"{earlier.get('version')}, not {model.get('name')} version "
+                    f"{model.get('version')}: choose another --out",
+                    code="other_model",
+                )
+        else:
+            _write_durably(summary, json.dumps(model).encode())
+        self.next_part = 1 + max((int(m[1]) for m in self._parts()), default=-1)
 
     def _parts(self) -> Iterator[re.Match]:
         for entry in os.scandir(self.out):
@@ -699,17 +708,15 @@ class AppendedFile(Sink):
         if out.is_dir():
             raise InvalidInput(f"{out} is a folder; --out names the file to write", code="usage")
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = _hold_lock(out, out)  # the output itself, made empty if it is new
-        try:
-            self.progress = out.with_name(f".{out.name}.progress")
-            self.recorded = self.progress.is_file()
-            if self.recorded:
-                self.committed = json.loads(self.progress.read_text())["bytes"]
-            else:  # none, or a finished run: everything in the file is committed
-                self.committed = out.stat().st_size if out.exists() else 0
-        except BaseException:
-            self.close()
-            raise
+        self.progress = out.with_name(f".{out.name}.progress")
+        self._take(out, self._read_earlier)  # the lock is the output itself, made if it is new
+
+    def _read_earlier(self) -> None:
+        self.recorded = self.progress.is_file()
+        if self.recorded:
+            self.committed = json.loads(self.progress.read_text())["bytes"]
+        else:  # none, or a finished run: everything in the file is committed
+            self.committed = self.out.stat().st_size
 
     def _record(self) -> None:
         _write_durably(self.progress, json.dumps({"bytes": self.committed}).encode())
