@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imagerec.bulk import classify, iter_sources
+from imagerec.bundle import Bundle, add_to_bundle
 from imagerec.cli import main
 from imagerec.errors import InvalidInput
 from imagerec.images import load_image
@@ -66,6 +67,8 @@ def read_table(out: Path) -> list[dict]:
                     "score": float(row["score"]) if row["score"] else None,
                     "top_k": json.loads(row["top_k"]) if row["top_k"] else None,
                     "error": json.loads(row["error"]) if row["error"] else None,
+                    "model": row["model"],
+                    "model_version": row["model_version"],
                 }
             )
     return rows
@@ -106,6 +109,8 @@ def test_each_output_format_reads_back_as_the_same_table(archive, tmp_path, suff
     assert result.written == 84 and result.errors == 4 and result.skipped == 0
     got, want = read_table(out), read_table(reference)
     assert [r["path"] for r in got] == [r["path"] for r in want]
+    version = Bundle.load(BUNDLED, keras_model=False).version
+    assert {(r["model"], r["model_version"]) for r in got} == {("cifar10", version)}
     for row, other in zip(got, want, strict=True):
         assert row["label"] == other["label"] and row["error"] == other["error"]
         if row["error"] is None:
@@ -121,6 +126,29 @@ def test_each_output_format_reads_back_as_the_same_table(archive, tmp_path, suff
         assert len(pd.read_parquet(out)) == 84
     else:
         assert not list(tmp_path.glob(".*progress"))  # the finished run leaves no sidecar
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_an_output_labelled_by_one_model_is_refused_to_another(archive, tmp_path, suffix, capsys):
+    retrained = tmp_path / "retrained"
+    shutil.copytree(BUNDLED, retrained)
+    metrics = json.loads((BUNDLED / "metrics.json").read_text())
+    version = add_to_bundle(retrained, {"NOTES.txt": b"retrained"}, metrics)
+    cats = archive / "2024" / "cat"
+    out = tmp_path / f"results{suffix}"
+    assert classify(BUNDLED, [str(cats)], out, progress=False).written == 8
+    before = read_table(out)
+    # Another model on the same output: nothing of its own is added, however far the first got.
+    assert main(["classify", str(retrained), str(archive), "--out", str(out)]) == 1
+    first = Bundle.load(BUNDLED, keras_model=False).version
+    assert (
+        f"{out} holds labels from model cifar10 version {first}, not retrained version {version}"
+        in capsys.readouterr().err
+    )
+    assert read_table(out) == before
+    assert not list(tmp_path.glob(".*progress"))
+    # The first model carries on where it stopped.
+    assert classify(BUNDLED, [str(archive)], out, progress=False).written == 84 - 8
 
 
 def test_sources_are_folders_globs_images_and_path_lists(archive, tmp_path):

@@ -13,7 +13,9 @@ Two engines run the same decode (read_image: images.load_image) and the same Pre
   here as the local engine's are.
 
 Outputs commit atomically, so a run killed at any instant is resumed by the same command:
-what is committed is skipped, what is not is done again, and no row is written twice.
+what is committed is skipped, what is not is done again, and no row is written twice. Each row
+names the model that labelled it (`model`, `model_version`), and a run with another model than
+the output's is refused rather than mixed in.
 
 - `.parquet`: a folder of `part-NNNNNN.parquet` files, each written under a hidden temporary
   name, synced and renamed into place; pyarrow, pandas, Polars, DuckDB and Spark read the folder
@@ -52,7 +54,7 @@ from imagerec.images import IMAGE_SUFFIXES, load_image
 log = logging.getLogger(__name__)
 
 FORMATS = (".parquet", ".csv", ".jsonl")
-COLUMNS = ("path", "label", "score", "top_k", "error")
+COLUMNS = ("path", "label", "score", "top_k", "error", "model", "model_version")
 PART_NAME = re.compile(r"^part-(\d{6,})\.parquet$")
 SUMMARY_FILE = "_imagerec.json"  # in a Parquet folder: readers skip names starting with "_"
 LOCK_FILE = "_imagerec.lock"  # in a Parquet folder, held by the run that writes it
@@ -342,11 +344,16 @@ class Rows:
         ok = np.fromiter((e is None for e in self.error), bool, len(self.error))
         return np.concatenate(self._top), np.concatenate(self._score), ok
 
-    def records(self) -> Iterator[dict]:
+    def records(self, model: dict) -> Iterator[dict]:
+        """Each row as a dict of COLUMNS, `model` ({"name", "version"}) the one that labelled
+        them."""
         top, score, ok = self.columns()
+        made_by = {"model": model["name"], "model_version": model["version"]}
         for i, path in enumerate(self.path):
             if not ok[i]:
-                yield dict(path=path, label=None, score=None, top_k=None, error=self.error[i])
+                yield dict(
+                    path=path, label=None, score=None, top_k=None, error=self.error[i], **made_by
+                )
                 continue
             ranked = [
                 {"label": self.labels[c], "score": float(s)}
@@ -354,10 +361,15 @@ class Rows:
             ]
             first = ranked[0]
             yield dict(
-                path=path, label=first["label"], score=first["score"], top_k=ranked, error=None
+                path=path,
+                label=first["label"],
+                score=first["score"],
+                top_k=ranked,
+                error=None,
+                **made_by,
             )
 
-    def to_arrow(self):
+    def to_arrow(self, model: dict):
         import pyarrow as pa
 
         schema = arrow_schema()
@@ -380,6 +392,8 @@ class Rows:
                 fields=list(schema.field("error").type),
                 mask=_bool_array(ok),
             ),
+            "model": _repeated_text(model["name"], len(self.path)),
+            "model_version": _repeated_text(model["version"], len(self.path)),
         }
         return pa.table(columns, schema=schema)
 
@@ -433,8 +447,15 @@ def _text_array(values: Sequence[str | None]):
     ).cast(pa.string())
 
 
+def _repeated_text(value: str, n: int):
+    """An Arrow string array of `value` n times (Parquet keeps it once a part, in its
+    dictionary)."""
+    return _text_array([value]).take(_number_array(np.zeros(n, np.int32)))
+
+
 def arrow_schema():
-    """The table's schema: top_k a list of {label, score}, error null or {code, message}."""
+    """The table's schema: top_k a list of {label, score}, error null or {code, message}, and
+    the model that labelled the row (its name and version)."""
     import pyarrow as pa
 
     return pa.schema(
@@ -444,6 +465,8 @@ def arrow_schema():
             ("score", pa.float64()),
             ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
             ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
+            ("model", pa.string()),
+            ("model_version", pa.string()),
         ]
     )
 
@@ -539,7 +562,7 @@ def output_format(out: Path) -> str:
 def open_sink(out: Path, model: dict):
     """The output `out` (its format by suffix), with what earlier runs committed to it."""
     fmt = output_format(out)
-    return ParquetFolder(out, model) if fmt == ".parquet" else AppendedFile(out, fmt)
+    return ParquetFolder(out, model) if fmt == ".parquet" else AppendedFile(out, fmt, model)
 
 
 def _hold_lock(path: Path, out: Path):
@@ -589,7 +612,16 @@ class Sink:
     ends."""
 
     out: Path
+    model: dict  # the model of this run: {"name", "version", ...}
     lock: io.BufferedWriter
+
+    def _other_model(self, name: str | None, version: str | None) -> InvalidInput:
+        """The refusal of an output that holds labels from another model than this run's."""
+        return InvalidInput(
+            f"{self.out} holds labels from model {name} version {version}, not "
+            f"{self.model['name']} version {self.model['version']}: choose another --out",
+            code="other_model",
+        )
 
     def _take(self, lock_path: Path, read_earlier) -> None:
         """Lock the output before anything in it is touched, then `read_earlier()` what earlier
@@ -630,25 +662,20 @@ class ParquetFolder(Sink):
                     f"{theirs[0]!r}{' and more' if len(theirs) > 1 else ''}): choose another --out",
                     code="usage",
                 )
-        self.out = out
+        self.out, self.model = out, model
         out.mkdir(parents=True, exist_ok=True)
-        self._take(out / LOCK_FILE, lambda: self._read_earlier(model))
+        self._take(out / LOCK_FILE, self._read_earlier)
 
-    def _read_earlier(self, model: dict) -> None:
+    def _read_earlier(self) -> None:
         for stale in self.out.glob(".part-*"):  # a run killed while writing a part
             stale.unlink(missing_ok=True)
         summary = self.out / SUMMARY_FILE
         if summary.is_file():
             earlier = json.loads(summary.read_text())
-            if earlier.get("version") != model.get("version"):
-                raise InvalidInput(
-                    f"{self.out} holds labels from model {earlier.get('name')} version "
-                    f"{earlier.get('version')}, not {model.get('name')} version "
-                    f"{model.get('version')}: choose another --out",
-                    code="other_model",
-                )
+            if earlier.get("version") != self.model["version"]:
+                raise self._other_model(earlier.get("name"), earlier.get("version"))
         else:
-            _write_durably(summary, json.dumps(model).encode())
+            _write_durably(summary, json.dumps(self.model).encode())
         self.next_part = 1 + max((int(m[1]) for m in self._parts()), default=-1)
 
     def _parts(self) -> Iterator[re.Match]:
@@ -675,7 +702,7 @@ class ParquetFolder(Sink):
         name = f"part-{self.next_part:06d}.parquet"
         tmp = self.out / f".{name}.tmp"
         try:
-            pq.write_table(rows.to_arrow(), tmp)
+            pq.write_table(rows.to_arrow(self.model), tmp)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, self.out / name)
@@ -701,10 +728,11 @@ class ParquetFolder(Sink):
 
 class AppendedFile(Sink):
     """A CSV or JSON Lines file appended chunk by chunk; `.NAME.progress` holds the length of
-    the committed part while a run is under way."""
+    the committed part while a run is under way. Each row names the model that labelled it,
+    which a later run checks."""
 
-    def __init__(self, out: Path, fmt: str):
-        self.out, self.fmt = out, fmt
+    def __init__(self, out: Path, fmt: str, model: dict):
+        self.out, self.fmt, self.model = out, fmt, model
         if out.is_dir():
             raise InvalidInput(f"{out} is a folder; --out names the file to write", code="usage")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -731,35 +759,45 @@ class AppendedFile(Sink):
         return len(paths), done
 
     def _committed_paths(self) -> Iterator[str]:
+        """The paths of the committed rows; InvalidInput if a row is from another model than
+        this run's, or the file is not a table that classify wrote."""
         if self.committed == 0:
             return
         with open(self.out, "rb") as handle:
             text = io.TextIOWrapper(io.BytesIO(handle.read(self.committed)), "utf-8", newline="")
+        not_ours = InvalidInput(f"{self.out} is not a table that imagerec classify wrote")
         if self.fmt == ".jsonl":
-            for line in text:
-                try:
-                    yield json.loads(line)["path"]
-                except (ValueError, KeyError, TypeError):
-                    raise InvalidInput(
-                        f"{self.out} is not a table that imagerec classify wrote"
-                    ) from None
+            yield from self._checked(_json_rows(text, not_ours))
             return
         reader = csv.DictReader(text)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise InvalidInput(f"{self.out} is not a table that imagerec classify wrote")
-        for row in reader:
+            raise not_ours
+        yield from self._checked(reader)
+
+    def _checked(self, rows: Iterable[dict]) -> Iterator[str]:
+        """Each row's path, once its model is found to be this run's."""
+        for row in rows:
+            version = row.get("model_version")
+            if version != self.model["version"]:
+                if version is None:
+                    raise InvalidInput(
+                        f"{self.out} holds rows that do not name the model that labelled them "
+                        "(no model_version): choose another --out",
+                        code="other_model",
+                    )
+                raise self._other_model(row.get("model"), version)
             yield row["path"]
 
     def commit(self, rows: Rows) -> None:
         buffer = io.StringIO(newline="")
         if self.fmt == ".jsonl":
-            for record in rows.records():
+            for record in rows.records(self.model):
                 buffer.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             writer = csv.writer(buffer)
             if self.committed == 0:
                 writer.writerow(COLUMNS)
-            for record in rows.records():
+            for record in rows.records(self.model):
                 for name in ("top_k", "error"):
                     if record[name] is not None:
                         record[name] = json.dumps(record[name], ensure_ascii=False)
@@ -778,6 +816,18 @@ class AppendedFile(Sink):
             self.commit(Rows())
         self.progress.unlink(missing_ok=True)
         _fsync_folder(self.out.parent)
+
+
+def _json_rows(lines: Iterable[str], not_ours: Exception) -> Iterator[dict]:
+    """The rows of JSON Lines, each an object with a path, or `not_ours` raised."""
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "path" not in row:
+            raise not_ours
+        yield row
 
 
 def _file_system_errors_stop(classify_run):
