@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -294,6 +295,92 @@ def test_a_finished_run_run_again_adds_only_new_images(archive, tmp_path):
     assert (first.written, again.written, again.skipped) == (8, 76, 8)
     paths = [r["path"] for r in read_table(out)]
     assert len(paths) == len(set(paths)) == 84
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_table_cut_short_outside_classify_is_refused_until_its_torn_row_goes(
+    archive, tmp_path, suffix, capsys
+):
+    out = tmp_path / f"results{suffix}"
+    classify(BUNDLED, [str(archive)], out, progress=False)
+    whole = out.read_bytes()
+    cut = whole[: len(whole) // 2]  # a copy broken off mid-row: no progress record says so
+    assert not cut.endswith(b"\n")
+    out.write_bytes(cut)
+    assert main(["classify", str(BUNDLED), str(archive), "--out", str(out)]) == 1
+    assert "ends in an incomplete row" in capsys.readouterr().err
+    assert out.read_bytes() == cut  # left as it was
+    out.write_bytes(cut[: cut.rindex(b"\n") + 1])  # the user removes the torn line
+    again = classify(BUNDLED, [str(archive)], out, progress=False)
+    paths = [r["path"] for r in read_table(out)]
+    assert again.written > 0 and len(paths) == len(set(paths)) == 84
+
+
+def _cut_part(out: Path) -> Path:
+    part = next(out.glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:500])
+    return part
+
+
+def _part_without_paths(out: Path) -> Path:
+    part = out / "part-000009.parquet"
+    pq.write_table(pa.table({"x": [1]}), part)
+    return part
+
+
+def _summary_not_json(out: Path) -> Path:
+    (out / "_imagerec.json").write_text('{"name": "cif')
+    return out / "_imagerec.json"
+
+
+def _progress_not_json(out: Path) -> Path:
+    progress = out.with_name(f".{out.name}.progress")
+    progress.write_text("nope")
+    return progress
+
+
+def _progress_past_the_end(out: Path) -> Path:
+    progress = out.with_name(f".{out.name}.progress")
+    progress.write_text(json.dumps({"bytes": out.stat().st_size + 1}))
+    return progress
+
+
+@pytest.mark.parametrize(
+    "suffix, damage",
+    [
+        (".parquet", _cut_part),
+        (".parquet", _part_without_paths),
+        (".parquet", _summary_not_json),
+        (".csv", _progress_not_json),
+        (".jsonl", _progress_past_the_end),
+    ],
+)
+def test_an_output_damaged_outside_a_run_is_refused_with_a_message_and_left_as_it_was(
+    archive, tmp_path, suffix, damage, capsys
+):
+    out = tmp_path / f"results{suffix}"
+    classify(BUNDLED, [f"{archive}/2024/cat"], out, progress=False)
+    damaged = damage(out)
+    before = damaged.read_bytes()
+    assert main(["classify", str(BUNDLED), str(archive), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{damaged} cannot be read as classify wrote it" in err
+    assert "Traceback" not in err
+    assert damaged.read_bytes() == before
+
+
+def test_a_csv_row_with_more_or_fewer_fields_than_its_header_is_not_taken_as_ours(
+    archive, tmp_path, capsys
+):
+    out = tmp_path / "results.csv"
+    classify(BUNDLED, [str(archive)], out, progress=False)
+    header, first, *rest = out.read_bytes().splitlines(keepends=True)
+    for row in (b"only,two\r\n", first.rstrip(b"\r\n") + b",extra\r\n"):
+        changed = b"".join([header, first, row, *rest])
+        out.write_bytes(changed)
+        assert main(["classify", str(BUNDLED), str(archive), "--out", str(out)]) == 1
+        assert "is not a table that imagerec classify wrote" in capsys.readouterr().err
+        assert out.read_bytes() == changed
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])

@@ -671,7 +671,7 @@ class ParquetFolder(Sink):
             stale.unlink(missing_ok=True)
         summary = self.out / SUMMARY_FILE
         if summary.is_file():
-            earlier = json.loads(summary.read_text())
+            earlier = _json_record(summary, "version")
             if earlier.get("version") != self.model["version"]:
                 raise self._other_model(earlier.get("name"), earlier.get("version"))
         else:
@@ -686,12 +686,21 @@ class ParquetFolder(Sink):
 
     def done(self) -> tuple[int, np.ndarray]:
         """(rows committed, sorted hashes of their paths)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         hashes = [np.zeros(0, np.uint64)]
         for match in self._parts():
-            paths = pq.read_table(self.out / match[0], columns=["path"]).column("path")
-            hashes.append(path_hashes(paths.to_pylist()))
+            part = self.out / match[0]
+            try:
+                paths = pq.read_table(part, columns=["path"]).column("path").to_pylist()
+            except pa.ArrowIOError:  # an OSError too: the file system's, stops the run as such
+                raise
+            except pa.ArrowException as exc:  # not Parquet, cut short, or without a path column
+                raise _damaged(part, str(exc).splitlines()[0], MOVE_PART) from None
+            if not all(isinstance(p, str) for p in paths):
+                raise _damaged(part, "its path column is not text", MOVE_PART)
+            hashes.append(path_hashes(paths))
         done = np.concatenate(hashes)
         done.sort()
         return len(done), done
@@ -741,10 +750,15 @@ class AppendedFile(Sink):
 
     def _read_earlier(self) -> None:
         self.recorded = self.progress.is_file()
+        size = self.out.stat().st_size
         if self.recorded:
-            self.committed = json.loads(self.progress.read_text())["bytes"]
+            self.committed = _json_record(self.progress, "bytes", MOVE_PROGRESS)["bytes"]
+            if not isinstance(self.committed, int) or not 0 <= self.committed <= size:
+                raise _damaged(
+                    self.progress, f"it records {self.committed!r} bytes of {size}", MOVE_PROGRESS
+                )
         else:  # none, or a finished run: everything in the file is committed
-            self.committed = self.out.stat().st_size
+            self.committed = size
 
     def _record(self) -> None:
         _write_durably(self.progress, json.dumps({"bytes": self.committed}).encode())
@@ -764,7 +778,17 @@ class AppendedFile(Sink):
         if self.committed == 0:
             return
         with open(self.out, "rb") as handle:
-            text = io.TextIOWrapper(io.BytesIO(handle.read(self.committed)), "utf-8", newline="")
+            data = handle.read(self.committed)
+        if not data.endswith(b"\n"):
+            # classify ends every row with one, and a run's own unfinished append lies past
+            # its recorded length: this file was cut short, or added to, by something else.
+            raise InvalidInput(
+                f"{self.out} ends in an incomplete row (its last line has no end): it was cut "
+                "short or changed outside imagerec classify. Remove that line to resume, or "
+                "choose another --out",
+                code="damaged_output",
+            )
+        text = io.TextIOWrapper(io.BytesIO(data), "utf-8", newline="")
         not_ours = InvalidInput(f"{self.out} is not a table that imagerec classify wrote")
         if self.fmt == ".jsonl":
             yield from self._checked(_json_rows(text, not_ours))
@@ -772,7 +796,7 @@ class AppendedFile(Sink):
         reader = csv.DictReader(text)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise not_ours
-        yield from self._checked(reader)
+        yield from self._checked(_csv_rows(reader, not_ours))
 
     def _checked(self, rows: Iterable[dict]) -> Iterator[str]:
         """Each row's path, once its model is found to be this run's."""
@@ -816,6 +840,39 @@ class AppendedFile(Sink):
             self.commit(Rows())
         self.progress.unlink(missing_ok=True)
         _fsync_folder(self.out.parent)
+
+
+MOVE_PART = "Move that part out of the folder to label its images again, or choose another --out"
+MOVE_PROGRESS = "Move it aside to take the whole file as committed, or choose another --out"
+
+
+def _json_record(path: Path, key: str, remedy: str = "Choose another --out") -> dict:
+    """The JSON object in one of classify's own small files, which holds `key`."""
+    try:
+        record = json.loads(path.read_bytes())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or key not in record:
+        why = f"it is not the JSON object with {key!r} that classify writes"
+        raise _damaged(path, why, remedy)
+    return record
+
+
+def _damaged(path: Path, why: str, remedy: str = "Choose another --out") -> InvalidInput:
+    """The refusal of an output file that was damaged or changed outside a run."""
+    return InvalidInput(
+        f"{path} cannot be read as classify wrote it ({why}): it was damaged or changed outside "
+        f"imagerec classify. {remedy}",
+        code="damaged_output",
+    )
+
+
+def _csv_rows(reader: csv.DictReader, not_ours: Exception) -> Iterator[dict]:
+    """The rows of a CSV table, each with as many fields as its header, or `not_ours` raised."""
+    for row in reader:
+        if None in row or None in row.values():  # more fields than the header, or fewer
+            raise not_ours
+        yield row
 
 
 def _json_rows(lines: Iterable[str], not_ours: Exception) -> Iterator[dict]:
