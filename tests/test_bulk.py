@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagerec.bulk import classify, iter_sources
+from imagerec.bulk import classify, count_sources, iter_sources
 from imagerec.bundle import Bundle, add_to_bundle
 from imagerec.cli import main
 from imagerec.errors import InvalidInput
@@ -165,6 +166,17 @@ def test_sources_are_folders_globs_images_and_path_lists(archive, tmp_path):
     # A folder's own files (sorted), then its subfolders' (sorted): the same order every time.
     top = [str(archive / n) for n in ("empty.png", "fake.jpg", "gone.jpg", "2024/cut.jpg")]
     assert walked[:4] == top and walked[4:] == sorted(walked[4:]) and len(walked) == 84
+
+
+def test_a_source_that_is_no_path_list_stops_the_run_with_one_message(archive, tmp_path, capsys):
+    binary = tmp_path / "model.onnx"
+    binary.write_bytes(bytes(range(256)) * 4)
+    out = tmp_path / "r.csv"
+    # The progress bar's background count meets it too, and gives up without a word of its own.
+    assert count_sources([str(archive), str(binary)], threading.Event()) is None
+    assert count_sources([str(archive)], threading.Event()) == 84
+    assert main(["classify", str(BUNDLED), str(binary), "--out", str(out)]) == 1
+    assert "is neither an image (by its suffix) nor a UTF-8 text file" in capsys.readouterr().err
 
 
 def test_each_image_file_is_named_once_however_the_sources_reach_it(archive, tmp_path):

@@ -238,15 +238,19 @@ def _globbed(pattern: str, seen: _Seen, quiet: bool) -> Iterator[str]:
 
 
 def count_sources(sources: list[str], stop: threading.Event) -> int | None:
-    """How many paths the sources name (None if stopped first, or if standard input is one
-    of them: it can be read only once): the progress bar's total."""
+    """How many paths the sources name (None if stopped first, if standard input is one of
+    them: it can be read only once, or if a source cannot be read: the run itself stops on it
+    with its message): the progress bar's total."""
     if STDIN in sources:
         return None
     count = 0
-    for _ in iter_sources(sources, quiet=True):  # the run itself gives any warnings
-        if stop.is_set():
-            return None
-        count += 1
+    try:
+        for _ in iter_sources(sources, quiet=True):  # the run itself gives any warnings
+            if stop.is_set():
+                return None
+            count += 1
+    except (ImagerecError, OSError):
+        return None
     return count
 
 
