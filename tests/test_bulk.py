@@ -263,9 +263,10 @@ def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):
     assert "--commit-every must be at least 1" in refused(
         str(archive), "--out", csv_out, "--commit-every", "0"
     )
-    assert "--threads must be at least 1" in refused(
-        str(archive), "--out", csv_out, "--threads", "-1"
-    )
+    for value in ("-1", "257"):
+        assert "--threads must be between 1 and 256" in refused(
+            str(archive), "--out", csv_out, "--threads", value
+        )
     assert "--ray-actors must be at least 1" in refused(
         str(archive), "--out", csv_out, "--engine", "ray", "--ray-actors", "-2"
     )
