@@ -702,8 +702,6 @@ class ParquetFolder(Sink):
             part = self.out / match[0]
             try:
                 paths = pq.read_table(part, columns=["path"]).column("path").to_pylist()
-            except pa.ArrowIOError:  # an OSError too: the file system's, stops the run as such
-                raise
             except pa.ArrowException as exc:  # not Parquet, cut short, or without a path column
                 raise _damaged(part, str(exc).splitlines()[0], MOVE_PART) from None
             if not all(isinstance(p, str) for p in paths):
@@ -789,11 +787,12 @@ class AppendedFile(Sink):
             data = handle.read(self.committed)
         if not data.endswith(b"\n"):
             # classify ends every row with one, and a run's own unfinished append lies past
-            # its recorded length: this file was cut short, or added to, by something else.
+            # its recorded length: this file was cut short, or saved, by something else.
+            # Appending to it as it is would join the next row to its last one.
             raise InvalidInput(
-                f"{self.out} ends in an incomplete row (its last line has no end): it was cut "
-                "short or changed outside imagerec classify. Remove that line to resume, or "
-                "choose another --out",
+                f"{self.out} ends without a line break, so its last row may be cut short: it "
+                "was changed outside imagerec classify. Remove that row (or, if it is whole, "
+                "end the file with a line break) to resume, or choose another --out",
                 code="damaged_output",
             )
         text = io.TextIOWrapper(io.BytesIO(data), "utf-8", newline="")
