@@ -175,8 +175,18 @@ def test_a_source_that_is_no_path_list_stops_the_run_with_one_message(archive, t
     # The progress bar's background count meets it too, and gives up without a word of its own.
     assert count_sources([str(archive), str(binary)], threading.Event()) is None
     assert count_sources([str(archive)], threading.Event()) == 84
-    assert main(["classify", str(BUNDLED), str(binary), "--out", str(out)]) == 1
-    assert "is neither an image (by its suffix) nor a UTF-8 text file" in capsys.readouterr().err
+    not_a_list = "is neither an image (by its suffix) nor a UTF-8 text file listing paths"
+    for engine in ("local", "ray"):  # refused before an output is made or Ray is started
+        args = ["classify", str(BUNDLED), str(binary), "--out", str(out), "--engine", engine]
+        assert main(args) == 1
+        assert not_a_list in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / ".r.csv.progress").exists()
+    # Past the first 64 KB, the list is checked as it is read, and the run stops on the same.
+    late = tmp_path / "late.txt"
+    cat = next(archive.glob("2024/cat/*.jpg"))
+    late.write_bytes(f"{cat}\n".encode() + b"# " + b"x" * (1 << 16) + b"\n\xff\xfe\n")
+    assert main(["classify", str(BUNDLED), str(late), "--out", str(out)]) == 1
+    assert not_a_list in capsys.readouterr().err
 
 
 def test_each_image_file_is_named_once_however_the_sources_reach_it(archive, tmp_path):

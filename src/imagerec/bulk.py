@@ -26,6 +26,7 @@ the output's is refused rather than mixed in.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import glob
@@ -120,13 +121,16 @@ def iter_sources(sources: Iterable[str | os.PathLike], quiet: bool = False) -> I
 
 
 def check_sources(sources: Iterable[str | os.PathLike], out: Path | None = None) -> None:
-    """Raise InvalidInput, before any work starts, for a source that names nothing, or that is
-    the output `out` itself: a results table read as a path list would have each of its own
-    lines added to it as an unreadable path."""
+    """Raise InvalidInput, before any work starts, for a source that names nothing, a file
+    given as a path list whose start is not text, or a source that is the output `out` itself:
+    a results table read as a path list would have each of its own lines added to it as an
+    unreadable path."""
     for source in sources:
         text = os.fspath(source)
         if not (text == STDIN or os.path.exists(text) or glob.has_magic(text)):
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
+        if os.path.isfile(text) and os.path.splitext(text)[1].lower() not in IMAGE_SUFFIXES:
+            _check_list_start(text)
         if out is not None and text != STDIN and _same_file(text, out):
             raise InvalidInput(
                 f"{text} is the output (--out) as well: name the images to label as SOURCE, "
@@ -224,10 +228,31 @@ def _listed(path: Path) -> Iterator[str]:
         with open(path, encoding="utf-8") as lines:
             yield from _path_lines(lines)
     except UnicodeDecodeError:
-        raise InvalidInput(
-            f"{path} is neither an image (by its suffix) nor a UTF-8 text file listing paths",
-            code="no_source",
-        ) from None
+        raise _not_a_list(path) from None
+
+
+def _not_a_list(path: str | os.PathLike) -> InvalidInput:
+    return InvalidInput(
+        f"{path} is neither an image (by its suffix) nor a UTF-8 text file listing paths",
+        code="no_source",
+    )
+
+
+def _check_list_start(path: str) -> None:
+    """_not_a_list raised at once where the start of a file given as a path list is not UTF-8
+    text (a model, an archive, a PDF named by mistake), before any output is made or Ray
+    started; the rest of the file is checked as it is read."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(1 << 16)
+    except OSError:
+        return  # the run says what stops it when it reads the file
+    try:  # incrementally: a character that the 64 KB cut in two is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(start)
+    except UnicodeDecodeError:
+        raise _not_a_list(path) from None
+    if b"\0" in start:  # valid UTF-8, but no path holds one
+        raise _not_a_list(path)
 
 
 def _globbed(pattern: str, seen: _Seen, quiet: bool) -> Iterator[str]:
