@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -255,6 +256,25 @@ def test_a_path_list_on_standard_input_as_find_gives_it(tmp_path):
     again = subprocess.run(command, input=listing, capture_output=True, timeout=120)
     assert b"2 images were already there and were skipped" in again.stdout
     assert len(read_table(out)) == 2
+
+
+def test_a_pipe_named_as_a_source_is_a_path_list_and_a_device_an_error_row(archive, tmp_path):
+    # What the shell's `imagerec classify BUNDLE <(find ...)` hands the command: a pipe's path.
+    # Run in a real shell, so that the pipe is the shell's own and is read once.
+    out = tmp_path / "r.csv"
+    fifo_image = tmp_path / "fifo.jpg"  # a pipe under an image's name is not read: an error row
+    os.mkfifo(fifo_image)
+    cli = f"{shlex.quote(sys.executable)} -m imagerec.cli classify {shlex.quote(str(BUNDLED))}"
+    line = f"{cli} <(find {shlex.quote(str(archive))}/2024/cat -name '*.jpg') {fifo_image} "
+    line += f"/dev/null --out {shlex.quote(str(out))}"
+    run = subprocess.run(["bash", "-c", line], capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()
+    rows = read_table(out)
+    listed = sorted(str(p) for p in archive.glob("2024/cat/*.jpg"))
+    assert sorted(r["path"] for r in rows if not r["error"]) == listed
+    errors = {r["path"]: r["error"]["code"] for r in rows if r["error"]}
+    assert errors == {str(fifo_image): "invalid_image", "/dev/null": "invalid_image"}
+    assert len(rows) == len(listed) + 2
 
 
 def test_bad_arguments_are_refused_with_a_message(archive, tmp_path, capsys):

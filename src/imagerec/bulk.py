@@ -99,13 +99,17 @@ def iter_sources(sources: Iterable[str | os.PathLike], quiet: bool = False) -> I
     is skipped with a warning (none if `quiet`). A file with an image suffix is itself; any other
     file lists paths, one a line (blank lines and lines starting with # are skipped), and `-`
     is such a list read from standard input (`find ... | imagerec classify BUNDLE - ...`), its
-    names as the file system's bytes; anything else is a glob pattern (`**` recurses)."""
+    names as the file system's bytes, as is a pipe named as a file (the shell's
+    `<(find ...)`); anything else is a glob pattern (`**` recurses)."""
     seen = _Seen()
     for source in sources:
         text = os.fspath(source)
         path = Path(text)
         if text == STDIN:
             yield from _path_lines(os.fsdecode(line) for line in sys.stdin.buffer)
+        elif _is_piped_list(text):
+            with open(text, "rb") as lines:
+                yield from _path_lines(os.fsdecode(line) for line in lines)
         elif path.is_dir():
             yield from _walk(text, seen, quiet)
         elif path.is_file():
@@ -114,10 +118,23 @@ def iter_sources(sources: Iterable[str | os.PathLike], quiet: bool = False) -> I
                     yield text
             else:
                 yield from _listed(path)
+        elif os.path.exists(text):  # a device, or a pipe named as an image: an error row
+            if seen.first_naming(text):
+                yield text
         elif glob.has_magic(text):
             yield from _globbed(text, seen, quiet)
         else:
             raise InvalidInput(f"{text}: no such folder, file or glob pattern", code="no_source")
+
+
+def _is_piped_list(source: str) -> bool:
+    """Whether `source` is a pipe (a FIFO, or the shell's `<(...)`) to be read as a path list;
+    one with an image's suffix is left to be an error row, as it is in a list."""
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) and os.path.splitext(source)[1].lower() not in IMAGE_SUFFIXES
 
 
 def check_sources(sources: Iterable[str | os.PathLike], out: Path | None = None) -> None:
@@ -267,10 +284,10 @@ def _globbed(pattern: str, seen: _Seen, quiet: bool) -> Iterator[str]:
 
 
 def count_sources(sources: list[str], stop: threading.Event) -> int | None:
-    """How many paths the sources name (None if stopped first, if standard input is one of
-    them: it can be read only once, or if a source cannot be read: the run itself stops on it
-    with its message): the progress bar's total."""
-    if STDIN in sources:
+    """How many paths the sources name (None if stopped first, if standard input or a pipe is
+    one of them: it can be read only once, or if a source cannot be read: the run itself stops
+    on it with its message): the progress bar's total."""
+    if any(source == STDIN or _is_piped_list(os.fspath(source)) for source in sources):
         return None
     count = 0
     try:
